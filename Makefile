@@ -1,0 +1,44 @@
+# The two commands of the README:
+#   make html   install what is needed, then build the site into _build/html
+#   make test   install what is needed, build the site, then run every test
+SHELL := /bin/bash
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+# nbgrader runs helper programs (alembic) found on PATH
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: html test install system-deps exercises bench clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+# Debian's Chromium for the browser test (Playwright cannot download a browser here).
+system-deps:
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is missing: install Debian's chromium package, or the browser test will skip (outside CI)"; fi; \
+	fi
+
+# A clean build every time: nothing stale can pass. -W turns every warning
+# (an error in a page, stderr from a page, a broken reference) into a failure.
+html: install
+	rm -rf _build
+	$(BIN)/jupyter-book build . -W --keep-going
+
+test: html system-deps
+	$(PY) -m pytest
+
+# Regenerate the released notebooks from solutions/ (commit the result).
+exercises: install
+	for d in solutions/*/; do $(BIN)/nbgrader generate_assignment "$$(basename $$d)" --force --log-level=WARN; done
+
+bench: install
+	$(PY) -m bn_reference.benchmarks.backprop
+
+clean:
+	rm -rf _build submitted autograded feedback gradebook.db

@@ -1,0 +1,148 @@
+"""Chapter 4 - the backward pass of batch normalization: reference implementations.
+
+Training-mode BN over a mini-batch x of shape (N, D), Algorithm 1 of
+Ioffe & Szegedy (2015): per feature,
+
+    mu = mean_i x_i,   var = mean_i (x_i - mu)^2   (biased: divide by N),
+    x_hat = (x - mu) / sqrt(var + eps),   y = gamma * x_hat + beta.
+
+The backward pass comes twice: staged through the nodes of the computational
+graph (``batchnorm_backward``, the chain rule of the paper's Sec. 3 one node at
+a time) and in closed form (``batchnorm_backward_compact``),
+
+    dx = gamma / (N sigma) * (N dout - sum_i dout_i - x_hat * sum_i dout_i x_hat_i),
+
+with sigma = sqrt(var + eps). ``numerical_gradient`` and ``rel_error`` check
+either against central differences.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "CACHE_KEYS",
+    "batchnorm_forward",
+    "batchnorm_backward",
+    "batchnorm_backward_compact",
+    "numerical_gradient",
+    "rel_error",
+]
+
+#: The keys of the cache ``batchnorm_forward`` returns, which both backward
+#: functions read: x_centered and x_hat (N, D); mu, var, inv_std (D,); gamma; eps.
+CACHE_KEYS = ("x_centered", "x_hat", "mu", "var", "inv_std", "gamma", "eps")
+
+
+def batchnorm_forward(x, gamma, beta, eps: float = 1e-5):
+    """Algorithm 1 on x (N, D) with gamma, beta (D,) or scalars; returns ``(out, cache)``.
+
+    ``out`` has x's shape; ``cache`` is a dict holding what the backward pass
+    needs (``CACHE_KEYS``): ``x_centered`` = x - mu and ``x_hat`` (N, D),
+    ``mu``, ``var`` (biased), ``inv_std`` = 1 / sqrt(var + eps) (D,),
+    ``gamma`` and ``eps``.
+    """
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D (N, D), got shape {x.shape}; for (N, C, H, W) move C last and flatten first.")
+    if x.shape[0] < 2:
+        raise ValueError("Batch statistics need at least 2 examples (N >= 2) in training mode.")
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        if np.shape(p) not in ((), (x.shape[1],)):
+            raise ValueError(f"{name} must have shape ({x.shape[1]},) (one value per feature), got {np.shape(p)}.")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}.")
+    mu = x.mean(axis=0)
+    x_centered = x - mu
+    var = x.var(axis=0)  # biased, as in Algorithm 1
+    inv_std = 1.0 / np.sqrt(var + eps)
+    x_hat = x_centered * inv_std
+    out = gamma * x_hat + beta
+    cache = {"x_centered": x_centered, "x_hat": x_hat, "mu": mu, "var": var, "inv_std": inv_std,
+             "gamma": np.asarray(gamma), "eps": eps}
+    return out, cache
+
+
+def _check_dout(dout, cache) -> np.ndarray:
+    """``dout`` as an array shaped like the forward's output, or a clear ValueError."""
+    dout = np.asarray(dout)
+    if dout.shape != cache["x_hat"].shape:
+        raise ValueError(f"dout must have the forward output's shape {cache['x_hat'].shape}, got {dout.shape}.")
+    return dout
+
+
+def _param_grads(dout, x_hat):
+    """dl/dgamma = sum_i dout_i * x_hat_i and dl/dbeta = sum_i dout_i, each (D,)."""
+    return (dout * x_hat).sum(axis=0), dout.sum(axis=0)
+
+
+def batchnorm_backward(dout, cache):
+    """Backward pass staged through the graph x -> mu -> x_centered -> var -> inv_std -> x_hat -> y.
+
+    dout (N, D) is dl/dy, ``cache`` is ``batchnorm_forward``'s. Returns
+    ``(dx, dgamma, dbeta)`` with shapes (N, D), (D,), (D,). Each line is the
+    gradient at one node (paper, Sec. 3); a node with two consumers sums the
+    gradients arriving from both.
+    """
+    dout = _check_dout(dout, cache)
+    xc, x_hat, inv_std, gamma = cache["x_centered"], cache["x_hat"], cache["inv_std"], cache["gamma"]
+    n = dout.shape[0]
+    dgamma, dbeta = _param_grads(dout, x_hat)           # y = gamma * x_hat + beta
+    dx_hat = dout * gamma
+    dinv_std = (dx_hat * xc).sum(axis=0)                # x_hat = x_centered * inv_std
+    dvar = -0.5 * inv_std**3 * dinv_std                 # inv_std = (var + eps)^(-1/2)
+    dxc = dx_hat * inv_std + dvar * 2.0 * xc / n        # x_centered feeds x_hat and var = mean(x_centered^2)
+    dmu = -dxc.sum(axis=0)                              # x_centered = x - mu
+    dx = dxc + dmu / n                                  # x feeds x_centered and mu = mean(x)
+    return dx, dgamma, dbeta
+
+
+def batchnorm_backward_compact(dout, cache):
+    """Closed-form backward pass, no loops; same inputs and outputs as ``batchnorm_backward``.
+
+    dx = gamma * inv_std / N * (N dout - sum_i dout_i - x_hat * sum_i dout_i x_hat_i),
+    where the two sums are dl/dbeta and dl/dgamma.
+    """
+    dout = _check_dout(dout, cache)
+    x_hat, inv_std, gamma = cache["x_hat"], cache["inv_std"], cache["gamma"]
+    n = dout.shape[0]
+    dgamma, dbeta = _param_grads(dout, x_hat)
+    dx = (gamma * inv_std / n) * (n * dout - dbeta - x_hat * dgamma)
+    return dx, dgamma, dbeta
+
+
+def numerical_gradient(f, x, dout, h: float = 1e-5):
+    """Central-difference gradient of L(x) = sum(f(x) * dout) with respect to x.
+
+    ``f`` maps an array shaped like x to an array shaped like ``dout``. Each
+    element is perturbed in turn on a float64 copy of x (h = 1e-5 is below
+    float32's resolution near 1): dL/dx_k ~ (L(x + h e_k) - L(x - h e_k)) / (2 h).
+    Returns a float64 array shaped like x; x itself is not modified.
+    """
+    if not h > 0:
+        raise ValueError(f"h must be > 0, got {h!r}.")
+    x = np.array(x, dtype=np.float64)
+    dout = np.asarray(dout, dtype=np.float64)
+    if np.shape(f(x)) != dout.shape:
+        raise ValueError(f"dout must have the shape of f(x), {np.shape(f(x))}, got {dout.shape}.")
+    grad = np.empty_like(x)
+    for k in np.ndindex(x.shape):
+        old = x[k]
+        x[k] = old + h
+        plus = np.sum(f(x) * dout)
+        x[k] = old - h
+        minus = np.sum(f(x) * dout)
+        x[k] = old
+        grad[k] = (plus - minus) / (2.0 * h)
+    return grad
+
+
+def rel_error(a, b) -> float:
+    """The largest element-wise relative error max_k |a_k - b_k| / max(|a_k| + |b_k|, 1e-8).
+
+    The floor 1e-8 makes two zeros agree (0 / 0 would be nan). Shapes must match.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape, got {a.shape} and {b.shape}.")
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(a) + np.abs(b), 1e-8)))

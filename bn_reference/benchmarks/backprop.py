@@ -1,0 +1,158 @@
+"""Chapter 4 benchmark: the staged vs the compact backward pass of batch
+normalization, and NumPy vs PyTorch (CPU) forward + backward, on the same shapes.
+
+Run ``python -m bn_reference.benchmarks.backprop`` (``--quick`` for the
+book's smaller setting) to print the table; the Chapter 4 page draws its figure
+with :func:`plot` on the rows :func:`run` returns.
+
+Method: all variants of one (N, D, dtype) are measured in the same run,
+interleaved (repeat r times each variant once, in a rotating order), so that
+a change in machine load hits all of them alike; each timing is the mean of
+enough calls to last a few milliseconds (``time.perf_counter``), and the
+reported time is the median over the repeats. Ratios compare medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import backprop as ref
+
+__all__ = ["VARIANTS", "FULL", "QUICK", "run", "format_table", "plot", "main"]
+
+VARIANTS = ("staged backward", "compact backward", "NumPy forward+backward", "PyTorch forward+backward")
+FULL = {"shapes": [(64, 256), (512, 512), (4096, 1024)], "dtypes": ("float32", "float64"), "repeats": 15}
+QUICK = {"shapes": [(64, 256), (512, 512), (4096, 1024)], "dtypes": ("float32", "float64"), "repeats": 5}
+
+_MIN_SECONDS = 3e-3  # each timing averages enough calls to last at least this long
+
+
+def _variants(n: int, d: int, dtype: str, seed: int):
+    """Zero-argument callables for the four variants on one seeded random problem."""
+    rng = np.random.default_rng(seed)
+    x, dout = (rng.normal(size=(n, d)).astype(dtype) for _ in range(2))
+    gamma, beta = (rng.normal(size=d).astype(dtype) for _ in range(2))
+    _, cache = ref.batchnorm_forward(x, gamma, beta)
+    xt, gt, bt = (torch.tensor(a, requires_grad=True) for a in (x, gamma, beta))
+    dt = torch.tensor(dout)
+
+    def torch_forward_backward():
+        out = F.batch_norm(xt, None, None, gt, bt, training=True, eps=1e-5)
+        return torch.autograd.grad(out, (xt, gt, bt), dt)
+
+    return {
+        "staged backward": lambda: ref.batchnorm_backward(dout, cache),
+        "compact backward": lambda: ref.batchnorm_backward_compact(dout, cache),
+        "NumPy forward+backward": lambda: ref.batchnorm_backward_compact(
+            dout, ref.batchnorm_forward(x, gamma, beta)[1]),
+        "PyTorch forward+backward": torch_forward_backward,
+    }
+
+
+def _calls_per_timing(fn) -> int:
+    """Warm up ``fn`` and return how many calls last about ``_MIN_SECONDS``."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    return max(1, math.ceil(_MIN_SECONDS / max(time.perf_counter() - start, 1e-9)))
+
+
+def _median_times(fns: dict, repeats: int) -> dict:
+    """Median seconds per call of each callable, measured interleaved in a rotating order."""
+    calls = {name: _calls_per_timing(fn) for name, fn in fns.items()}
+    samples = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fns[name]()
+            samples[name].append((time.perf_counter() - start) / calls[name])
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def run(shapes=FULL["shapes"], dtypes=FULL["dtypes"], repeats: int = FULL["repeats"], seed: int = 0) -> list[dict]:
+    """Time the four ``VARIANTS`` on every (N, D) in ``shapes`` and dtype in ``dtypes``.
+
+    Returns one dict per (shape, dtype): ``n``, ``d``, ``dtype``, ``seconds``
+    ({variant: median seconds per call}), ``staged/compact`` and
+    ``PyTorch/NumPy`` (ratios of medians; above 1 means the second is faster).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}.")
+    rows = []
+    for n, d in shapes:
+        for dtype in dtypes:
+            seconds = _median_times(_variants(n, d, dtype, seed), repeats)
+            rows.append({
+                "n": n, "d": d, "dtype": dtype, "seconds": seconds,
+                "staged/compact": seconds["staged backward"] / seconds["compact backward"],
+                "PyTorch/NumPy": seconds["PyTorch forward+backward"] / seconds["NumPy forward+backward"],
+            })
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows as a text table: milliseconds per call and the two ratios."""
+    head = ["N x D", "dtype", *(f"{v} ms" for v in VARIANTS), "staged/compact", "PyTorch/NumPy"]
+    lines = [[f"{r['n']} x {r['d']}", r["dtype"], *(f"{1e3 * r['seconds'][v]:.3f}" for v in VARIANTS),
+              f"{r['staged/compact']:.2f}", f"{r['PyTorch/NumPy']:.2f}"] for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+
+
+def _environment() -> str:
+    return (f"NumPy {np.__version__}, PyTorch {torch.__version__} "
+            f"({torch.get_num_threads()} intra-op threads), {platform.machine()}")
+
+
+def plot(rows: list[dict]):
+    """A two-panel matplotlib figure of the ratios per shape and dtype; returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(f"{r['n']} x {r['d']}" for r in rows))
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    titles = {"staged/compact": "staged / compact backward time",
+              "PyTorch/NumPy": "PyTorch / NumPy forward+backward time"}
+    width = 0.8 / len(dtypes)
+    for ax, key in zip(axes, titles):
+        for j, dtype in enumerate(dtypes):
+            values = [next(r[key] for r in rows if f"{r['n']} x {r['d']}" == s and r["dtype"] == dtype)
+                      for s in shapes]
+            xs = np.arange(len(shapes)) + (j - (len(dtypes) - 1) / 2) * width
+            bars = ax.bar(xs, values, width, label=dtype)
+            ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(np.arange(len(shapes)), shapes)
+        ax.set_xlabel("N x D")
+        ax.set_ylabel("ratio of median times")
+        ax.set_title(titles[key])
+        ax.margins(y=0.15)
+    axes[0].legend(title="dtype", fontsize=8)
+    fig.suptitle(f"above 1: the second variant is faster ({_environment()})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the book's smaller setting (fewer repeats)")
+    args = parser.parse_args(argv)
+    setting = QUICK if args.quick else FULL
+    print(f"Batch-norm backward benchmark, median of {setting['repeats']} interleaved repeats; {_environment()}")
+    print(format_table(run(**setting)))
+    print("A ratio above 1 means the second variant named is faster.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,415 @@
+"""Chapter 1 - feature scaling: grading checks and the misconception catalogue.
+
+Each ``check_*`` takes the learner's class or function, runs it and the
+reference (``bn_reference.feature_scaling``) on seeded cases, and raises
+:class:`~bn_reference.grading.CheckFailed` naming the misconception when one of
+the catalogue's wrong implementations reproduces the learner's output.
+``hidden=True`` runs the grader's own cases (other seeds, more edge cases).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+
+from .. import feature_scaling as ref
+from . import Case, Misconception, run_check
+
+__all__ = [
+    "check_min_max_scaler",
+    "check_standard_scaler",
+    "check_mse_gradient",
+    "check_gradient_descent",
+    "check_steps_to_tolerance",
+    "check_hessian_condition_number",
+    "CATALOGUE",
+]
+
+
+# --------------------------------------------------------------------------
+# Wrong implementations. One configurable class per scaler keeps each
+# misconception a one-line variation of the same (otherwise right) code.
+
+class _WrongStandardScaler:
+    """Standardizer with switchable mistakes (ddof, axis, refit, no zero guard)."""
+
+    def __init__(self, ddof=0, whole_array=False, refit=False, guard_constant=True):
+        self.ddof, self.whole_array, self.refit, self.guard = ddof, whole_array, refit, guard_constant
+
+    def fit(self, X):
+        X = np.asarray(X, dtype=np.float64)
+        axis = None if self.whole_array else 0
+        self.mean = X.mean(axis=axis)
+        std = X.std(axis=axis, ddof=self.ddof)
+        self.std = np.where(std == 0, 1.0, std) if self.guard else std
+        return self
+
+    def transform(self, X):
+        if self.refit:
+            self.fit(X)
+        return (np.asarray(X, dtype=np.float64) - self.mean) / self.std
+
+    def fit_transform(self, X):
+        return self.fit(X).transform(X)
+
+    def inverse_transform(self, X):
+        return np.asarray(X, dtype=np.float64) * self.std + self.mean
+
+
+class _WrongMinMaxScaler:
+    """Min-max scaler with switchable mistakes (axis, refit, no zero guard, range ignored)."""
+
+    def __init__(self, feature_range=(0.0, 1.0), whole_array=False, refit=False,
+                 guard_constant=True, use_range=True):
+        self.lo, self.hi = feature_range if use_range else (0.0, 1.0)
+        self.whole_array, self.refit, self.guard = whole_array, refit, guard_constant
+
+    def fit(self, X):
+        X = np.asarray(X, dtype=np.float64)
+        axis = None if self.whole_array else 0
+        self.min, span = X.min(axis=axis), np.ptp(X, axis=axis)
+        self.span = np.where(span == 0, 1.0, span) if self.guard else span
+        return self
+
+    def transform(self, X):
+        if self.refit:
+            self.fit(X)
+        return (np.asarray(X, dtype=np.float64) - self.min) / self.span * (self.hi - self.lo) + self.lo
+
+    def fit_transform(self, X):
+        return self.fit(X).transform(X)
+
+    def inverse_transform(self, X):
+        return (np.asarray(X, dtype=np.float64) - self.lo) / (self.hi - self.lo) * self.span + self.min
+
+
+_FIT_ON_TRAIN = ("fit must store the statistics of the data it is given; transform must only "
+                 "apply them, so that test data are scaled with the training statistics.")
+
+STANDARD_SCALER_CATALOGUE = [
+    Misconception(
+        "sample standard deviation (ddof=1) instead of the population one",
+        "use X.std(axis=0) (ddof=0, dividing by n), as scikit-learn's StandardScaler does.",
+        partial(_WrongStandardScaler, ddof=1)),
+    Misconception(
+        "statistics over the whole array instead of per feature",
+        "compute the mean and std with axis=0, one value per column (feature).",
+        partial(_WrongStandardScaler, whole_array=True)),
+    Misconception(
+        "transform recomputes the statistics from its own input",
+        _FIT_ON_TRAIN, partial(_WrongStandardScaler, refit=True)),
+    Misconception(
+        "a constant feature gives nan or inf (division by a zero std)",
+        "where a feature's std is 0, divide by 1 instead (scikit-learn does this), so it maps to 0.",
+        partial(_WrongStandardScaler, guard_constant=False)),
+]
+
+MIN_MAX_SCALER_CATALOGUE = [
+    Misconception(
+        "min-max ignores feature_range",
+        "after mapping to [0, 1], stretch and shift to [lo, hi]: x01 * (hi - lo) + lo.",
+        partial(_WrongMinMaxScaler, use_range=False)),
+    Misconception(
+        "statistics over the whole array instead of per feature",
+        "compute min and max with axis=0, one value per column (feature).",
+        partial(_WrongMinMaxScaler, whole_array=True)),
+    Misconception(
+        "transform recomputes the statistics from its own input",
+        _FIT_ON_TRAIN, partial(_WrongMinMaxScaler, refit=True)),
+    Misconception(
+        "a constant feature gives nan or inf (division by a zero range)",
+        "where max == min, divide by 1 instead (scikit-learn does this), so the feature maps to lo.",
+        partial(_WrongMinMaxScaler, guard_constant=False)),
+]
+
+
+def _gradient(X, y, w, b, factor=2.0, mean=True, with_bias=True, sign=1.0):
+    """MSE gradient with switchable mistakes; the right one is the default."""
+    r = sign * (X @ w + b - y)
+    scale = factor / (len(X) if mean else 1)
+    return scale * (X.T @ r), (scale * r.sum() if with_bias else 0.0)
+
+
+MSE_GRADIENT_CATALOGUE = [
+    Misconception(
+        "the factor 2 is missing",
+        "d/dw of r^2 is 2 r dr/dw: dw = 2/n * X.T @ r.",
+        partial(_gradient, factor=1.0)),
+    Misconception(
+        "the 1/n is missing (gradient of the sum, not of the mean)",
+        "L is a mean, so divide by n: dw = 2/n * X.T @ r, db = 2/n * r.sum().",
+        partial(_gradient, mean=False)),
+    Misconception(
+        "the bias gradient is left out (db = 0)",
+        "b shifts every prediction, so db = 2/n * sum(r) with r = X @ w + b - y.",
+        partial(_gradient, with_bias=False)),
+    Misconception(
+        "the residual has the wrong sign (y - prediction)",
+        "use r = X @ w + b - y (prediction minus target), or flip the sign of the whole gradient.",
+        partial(_gradient, sign=-1.0)),
+]
+
+
+def _gd(X, y, lr, n_steps, grad=_gradient, update_bias=True, record_start=True):
+    """GD with switchable mistakes; returns (w, b, losses) like the reference."""
+    X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    w, b = np.zeros(X.shape[1]), 0.0
+    losses = [np.mean((X @ w + b - y) ** 2)] if record_start else []
+    for _ in range(n_steps):
+        dw, db = grad(X, y, w, b)
+        w = w - lr * dw
+        b = b - lr * db if update_bias else b
+        losses.append(np.mean((X @ w + b - y) ** 2))
+    return w, b, np.array(losses)
+
+
+GRADIENT_DESCENT_CATALOGUE = [
+    Misconception(
+        "the bias is never updated",
+        "update both parameters every step: w -= lr * dw and b -= lr * db.",
+        partial(_gd, update_bias=False)),
+    Misconception(
+        "losses does not start with the loss at w = 0, b = 0",
+        "append the starting loss before the first step, so losses has n_steps + 1 entries.",
+        partial(_gd, record_start=False)),
+    Misconception(
+        "the gradient is missing its 1/n",
+        "use the gradient of the mean: 2/n * X.T @ r (and 2/n * r.sum()).",
+        partial(_gd, grad=partial(_gradient, mean=False))),
+    Misconception(
+        "the gradient is missing its factor 2",
+        "the gradient of mean(r^2) is 2/n * X.T @ r.",
+        partial(_gd, grad=partial(_gradient, factor=1.0))),
+]
+
+
+def _steps(X, y, lr, tol, max_steps, target_optimum=True, offset=0):
+    """steps_to_tolerance with switchable mistakes."""
+    _, _, losses = ref.gradient_descent(X, y, lr, max_steps)
+    target = ref.least_squares_loss(X, y) + tol if target_optimum else tol
+    hits = np.flatnonzero(losses <= target)
+    return int(hits[0]) + offset if hits.size else int(max_steps)
+
+
+STEPS_TO_TOLERANCE_CATALOGUE = [
+    Misconception(
+        "the loss is compared with tol instead of with the optimum plus tol",
+        "noisy data never reach loss 0: compute L* by least squares on [X, 1] "
+        "(np.linalg.lstsq) and stop when loss - L* <= tol.",
+        partial(_steps, target_optimum=False)),
+    Misconception(
+        "the count is one step too many",
+        "return k where losses[k] is the first loss within tol; losses[0] is before any step, "
+        "so an already converged start gives 0.",
+        partial(_steps, offset=1)),
+]
+
+
+def _condition(X, squared=True, with_bias=True):
+    """Condition number with switchable mistakes."""
+    X = np.asarray(X, dtype=np.float64)
+    A = np.column_stack([X, np.ones(len(X))]) if with_bias else X
+    return float(np.linalg.cond(A) ** (2 if squared else 1))
+
+
+HESSIAN_CATALOGUE = [
+    Misconception(
+        "the condition number of the data matrix, not of the Hessian",
+        "H = (2/n) A^T A with A = [X, 1]; its condition number is cond(A) squared. "
+        "Build H and use its eigenvalues (np.linalg.eigvalsh).",
+        partial(_condition, squared=False)),
+    Misconception(
+        "the Hessian leaves out the bias",
+        "the loss depends on (w, b): append a column of ones to X before forming H = (2/n) A^T A.",
+        partial(_condition, with_bias=False)),
+]
+
+CATALOGUE = {
+    "MinMaxScaler": MIN_MAX_SCALER_CATALOGUE,
+    "StandardScaler": STANDARD_SCALER_CATALOGUE,
+    "mse_gradient": MSE_GRADIENT_CATALOGUE,
+    "gradient_descent": GRADIENT_DESCENT_CATALOGUE,
+    "steps_to_tolerance": STEPS_TO_TOLERANCE_CATALOGUE,
+    "hessian_condition_number": HESSIAN_CATALOGUE,
+}
+
+
+# --------------------------------------------------------------------------
+# Cases. Visible seeds are 0..; hidden seeds start at 1000 and add edge cases.
+
+def _features(rng, n, d, dtype=np.float64):
+    """n x d data whose features have very different means and spreads."""
+    loc = rng.uniform(-50, 50, size=d)
+    scale = rng.uniform(0.1, 20, size=d)
+    return (rng.normal(size=(n, d)) * scale + loc).astype(dtype)
+
+
+def _scaler_cases(hidden: bool, ranges):
+    rng = np.random.default_rng(1000 if hidden else 0)
+    shapes = [(40, 3), (2, 4), (9, 1)] + ([(200, 6), (3, 2)] if hidden else [])
+    cases = []
+    for (n, d), feature_range in zip(shapes, ranges):
+        X = _features(rng, n, d)
+        X_test = _features(rng, 7, d)
+        kw = {} if feature_range is None else {"feature_range": feature_range}
+        cases.append(Case(f"{n} x {d} float64 training data, other test data, {kw or 'defaults'}",
+                          {"X_train": X, "X_test": X_test, "kwargs": kw}))
+    X = _features(rng, 12, 3)
+    X[:, 1] = 2.5  # a constant feature, exactly representable so sums are exact
+    X_test = _features(rng, 5, 3)
+    X_test[:, 1] = 2.5
+    kw = {} if ranges[0] is None else {"feature_range": (-1.0, 1.0)}
+    cases.append(Case(f"12 x 3 data whose 2nd feature is constant, {kw or 'defaults'}",
+                      {"X_train": X, "X_test": X_test, "kwargs": kw}))
+    if hidden:
+        X = _features(rng, 30, 4, np.float32)
+        cases.append(Case("30 x 4 float32 data", {"X_train": X, "X_test": _features(rng, 6, 4, np.float32),
+                                                  "kwargs": {}, "rtol": 1e-4, "atol": 1e-5}))
+    return cases
+
+
+def _run_scaler(cls, case):
+    """Fit on X_train, then transform test and train, invert, and fit_transform."""
+    kw, X, X_test = case.data["kwargs"], case.data["X_train"], case.data["X_test"]
+    scaler = cls(**kw)
+    fitted = scaler.fit(X.copy())
+    out = {
+        "fit(X) returns the scaler itself": fitted is scaler,
+        "transform(X_test)": scaler.transform(X_test.copy()),
+        "transform(X_train)": scaler.transform(X.copy()),
+        "inverse_transform(transform(X_test))": scaler.inverse_transform(scaler.transform(X_test.copy())),
+        "fit_transform(X_train) on a new scaler": cls(**kw).fit_transform(X.copy()),
+    }
+    return out
+
+
+def _report(task, n):
+    print(f"{task}: all {n} cases agree with the reference.")
+
+
+def check_standard_scaler(StandardScaler, hidden=False):
+    """Check a StandardScaler class against scikit-learn's conventions."""
+    __tracebackhide__ = True
+    cases = _scaler_cases(hidden, [None] * 5)
+    _report("StandardScaler", run_check("StandardScaler", StandardScaler, ref.StandardScaler, cases,
+                                        _run_scaler, STANDARD_SCALER_CATALOGUE))
+
+
+def check_min_max_scaler(MinMaxScaler, hidden=False):
+    """Check a MinMaxScaler class, feature_range included."""
+    __tracebackhide__ = True
+    cases = _scaler_cases(hidden, [(0.0, 1.0), (-1.0, 1.0), (2.0, 5.0), (-3.0, -1.0), (0.0, 1.0)])
+    _report("MinMaxScaler", run_check("MinMaxScaler", MinMaxScaler, ref.MinMaxScaler, cases,
+                                      _run_scaler, MIN_MAX_SCALER_CATALOGUE))
+
+
+def _regression(rng, n, d, noise=0.5):
+    """A linear-regression problem with unscaled features and noisy targets."""
+    X = _features(rng, n, d) / 10
+    y = X @ rng.normal(size=d) + rng.normal() + noise * rng.normal(size=n)
+    return X, y
+
+
+def _gradient_cases(hidden):
+    rng = np.random.default_rng(1001 if hidden else 1)
+    shapes = [(20, 3), (2, 1), (50, 5)] + ([(7, 2), (300, 8)] if hidden else [])
+    cases = []
+    for n, d in shapes:
+        X, y = _regression(rng, n, d)
+        cases.append(Case(f"X {n} x {d}, random w and b",
+                          {"X": X, "y": y, "w": rng.normal(size=d), "b": float(rng.normal())}))
+    return cases
+
+
+def _run_gradient(fn, case):
+    d = case.data
+    dw, db = fn(d["X"].copy(), d["y"].copy(), d["w"].copy(), d["b"])
+    return {"dw": np.asarray(dw), "db": np.ravel(np.asarray(db, dtype=np.float64))}
+
+
+def check_mse_gradient(mse_gradient, hidden=False):
+    """Check mse_gradient(X, y, w, b) -> (dw, db)."""
+    __tracebackhide__ = True
+    _report("mse_gradient", run_check("mse_gradient", mse_gradient, ref.mse_gradient,
+                                      _gradient_cases(hidden), _run_gradient, MSE_GRADIENT_CATALOGUE))
+
+
+def _scaled_problem(rng, n, d):
+    """A standardized regression problem and a step size that GD converges with."""
+    X, y = _regression(rng, n, d)
+    X = ref.StandardScaler().fit_transform(X)
+    lr = 1.0 / np.linalg.eigvalsh(ref.hessian(X))[-1]
+    return X, y, float(lr)
+
+
+def _gd_cases(hidden):
+    rng = np.random.default_rng(1002 if hidden else 2)
+    shapes = [(30, 2), (2, 1), (60, 4)] + ([(10, 3), (200, 6)] if hidden else [])
+    cases = []
+    for i, (n, d) in enumerate(shapes):
+        X, y, lr = _scaled_problem(rng, n, d)
+        n_steps = [25, 10, 40, 15, 60][i]
+        cases.append(Case(f"standardized X {n} x {d}, lr={lr:.3g}, n_steps={n_steps}",
+                          {"X": X, "y": y, "lr": lr, "n_steps": n_steps}))
+    return cases
+
+
+def _run_gd(fn, case):
+    d = case.data
+    w, b, losses = fn(d["X"].copy(), d["y"].copy(), d["lr"], d["n_steps"])
+    return {"w": np.asarray(w), "b": np.ravel(np.asarray(b, dtype=np.float64)),
+            "losses": np.asarray(losses, dtype=np.float64)}
+
+
+def check_gradient_descent(gradient_descent, hidden=False):
+    """Check gradient_descent(X, y, lr, n_steps) -> (w, b, losses)."""
+    __tracebackhide__ = True
+    _report("gradient_descent", run_check("gradient_descent", gradient_descent, ref.gradient_descent,
+                                          _gd_cases(hidden), _run_gd, GRADIENT_DESCENT_CATALOGUE))
+
+
+def _steps_cases(hidden):
+    rng = np.random.default_rng(1003 if hidden else 3)
+    cases = []
+    for n, d, tol in [(40, 2, 1e-3), (25, 3, 1e-6)] + ([(80, 4, 1e-4)] if hidden else []):
+        X, y, lr = _scaled_problem(rng, n, d)
+        cases.append(Case(f"standardized X {n} x {d}, tol={tol:g}",
+                          {"X": X, "y": y, "lr": lr, "tol": tol, "max_steps": 500}))
+    X, y, lr = _scaled_problem(rng, 20, 2)
+    cases.append(Case("a step size too small to get there within max_steps=30",
+                      {"X": X, "y": y, "lr": lr / 1000, "tol": 1e-6, "max_steps": 30}))
+    X = rng.normal(size=(10, 2))
+    cases.append(Case("targets that are all 0, so w = 0, b = 0 is already optimal",
+                      {"X": X, "y": np.zeros(10), "lr": 0.1, "tol": 1e-8, "max_steps": 50}))
+    return cases
+
+
+def _run_steps(fn, case):
+    d = case.data
+    return int(fn(d["X"].copy(), d["y"].copy(), d["lr"], d["tol"], d["max_steps"]))
+
+
+def check_steps_to_tolerance(steps_to_tolerance, hidden=False):
+    """Check steps_to_tolerance(X, y, lr, tol, max_steps) -> int."""
+    __tracebackhide__ = True
+    _report("steps_to_tolerance", run_check("steps_to_tolerance", steps_to_tolerance,
+                                            ref.steps_to_tolerance, _steps_cases(hidden),
+                                            _run_steps, STEPS_TO_TOLERANCE_CATALOGUE))
+
+
+def _hessian_cases(hidden):
+    rng = np.random.default_rng(1004 if hidden else 4)
+    shapes = [(50, 2), (2, 1), (30, 4)] + ([(100, 6), (5, 3)] if hidden else [])
+    cases = [Case(f"unscaled X {n} x {d}", {"X": _features(rng, n, d)}) for n, d in shapes]
+    cases.append(Case("standardized X 50 x 3", {"X": ref.StandardScaler().fit_transform(_features(rng, 50, 3))}))
+    return cases
+
+
+def check_hessian_condition_number(hessian_condition_number, hidden=False):
+    """Check hessian_condition_number(X) -> float."""
+    __tracebackhide__ = True
+    _report("hessian_condition_number", run_check(
+        "hessian_condition_number", hessian_condition_number, ref.hessian_condition_number,
+        _hessian_cases(hidden), lambda fn, case: float(fn(case.data["X"].copy())), HESSIAN_CATALOGUE,
+        rtol=1e-6))

@@ -1,0 +1,264 @@
+"""Chapter 1 - feature scaling: the reference against its oracles
+(scikit-learn, PyTorch autograd and optimizers, numerical differentiation),
+and the grading checks against the misconception catalogue."""
+
+import numpy as np
+import pytest
+import scipy.optimize
+import sklearn.linear_model
+import sklearn.preprocessing
+import torch
+
+import alt_ch1_feature_scaling as alt
+from bn_reference import feature_scaling as ref
+from bn_reference.grading import CheckFailed
+from bn_reference.grading import feature_scaling as grading
+
+SHAPES = [(50, 3), (2, 1), (7, 5), (300, 10)]
+
+
+def _data(seed, shape, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    n, d = shape
+    X = rng.normal(size=shape) * rng.uniform(0.01, 100, size=d) + rng.uniform(-1e3, 1e3, size=d)
+    return X.astype(dtype), (rng.normal(size=(4, d)) * 50).astype(dtype)
+
+
+# --- scalers against scikit-learn ------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("name, kwargs", [
+    ("StandardScaler", {}),
+    ("MinMaxScaler", {}),
+    ("MinMaxScaler", {"feature_range": (-2.0, 3.0)}),
+])
+def test_scalers_match_sklearn(name, kwargs, shape, dtype):
+    X, X_test = _data(sum(shape), shape, dtype)
+    ours, theirs = getattr(ref, name)(**kwargs), getattr(sklearn.preprocessing, name)(**kwargs)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == np.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    np.testing.assert_allclose(ours.fit_transform(X), theirs.fit_transform(X), **tol)
+    np.testing.assert_allclose(ours.transform(X_test), theirs.transform(X_test), **tol)
+    np.testing.assert_allclose(ours.inverse_transform(X_test), theirs.inverse_transform(X_test), **tol)
+    assert ours.transform(X_test).dtype == theirs.transform(X_test).dtype
+
+
+@pytest.mark.parametrize("name", ["StandardScaler", "MinMaxScaler"])
+@pytest.mark.parametrize("value", [0.0, 2.5, 0.1, -1e6 / 3])
+def test_constant_features_match_sklearn(name, value):
+    """Constants that are not exactly representable (0.1) leave rounding error
+    in the variance: the reference must still treat them as constant."""
+    X, X_test = _data(3, (13, 3))
+    X[:, 1] = value
+    X_test[:, 1] = value + 1.0
+    ours, theirs = getattr(ref, name)(), getattr(sklearn.preprocessing, name)()
+    np.testing.assert_allclose(ours.fit_transform(X), theirs.fit_transform(X), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(ours.transform(X_test), theirs.transform(X_test), rtol=1e-10, atol=1e-10)
+    assert np.isfinite(ours.transform(X_test)).all()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.ones(5), "2-D"),
+    (np.array([[1.0, np.nan], [2.0, 3.0]]), "NaN"),
+])
+def test_scalers_reject_bad_input_clearly(bad, message):
+    with pytest.raises(ValueError, match=message):
+        ref.StandardScaler().fit(bad)
+
+
+def test_scalers_say_what_to_do_when_misused():
+    with pytest.raises(ValueError, match="call fit"):
+        ref.MinMaxScaler().transform(np.ones((2, 2)))
+    with pytest.raises(ValueError, match="fitted on 2"):
+        ref.StandardScaler().fit(np.eye(2)).transform(np.ones((3, 3)))
+    with pytest.raises(ValueError, match="min < max"):
+        ref.MinMaxScaler(feature_range=(1.0, 0.0))
+
+
+# --- regression helpers against PyTorch, scipy and scikit-learn -------------
+
+def _problem(seed, n, d):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)) * rng.uniform(0.1, 10, size=d)
+    return X, X @ rng.normal(size=d) + 3.0 + rng.normal(size=n), rng.normal(size=d), float(rng.normal())
+
+
+@pytest.mark.parametrize("n, d", [(2, 1), (20, 3), (100, 7)])
+def test_mse_gradient_matches_autograd_and_finite_differences(n, d):
+    X, y, w, b = _problem(n * d, n, d)
+    dw, db = ref.mse_gradient(X, y, w, b)
+    wt = torch.tensor(w, requires_grad=True)
+    bt = torch.tensor(b, dtype=torch.float64, requires_grad=True)
+    ((torch.tensor(X) @ wt + bt - torch.tensor(y)) ** 2).mean().backward()
+    np.testing.assert_allclose(dw, wt.grad.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(db, bt.grad.item(), rtol=1e-12)
+    theta = np.append(w, b)
+    numeric = scipy.optimize.approx_fprime(theta, lambda t: ref.mse_loss(X, y, t[:-1], t[-1]), 1e-6)
+    np.testing.assert_allclose(np.append(dw, db), numeric, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n, d, lr, steps", [(30, 2, 0.05, 40), (5, 4, 0.01, 7), (2, 1, 0.1, 3)])
+def test_gradient_descent_matches_torch_sgd(n, d, lr, steps):
+    X, y, *_ = _problem(7 + n, n, d)
+    w, b, losses = ref.gradient_descent(X, y, lr, steps)
+    wt = torch.zeros(d, dtype=torch.float64, requires_grad=True)
+    bt = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD([wt, bt], lr=lr)
+    torch_losses = []
+    for _ in range(steps + 1):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(torch.tensor(X) @ wt + bt, torch.tensor(y))
+        torch_losses.append(loss.item())
+        loss.backward()
+        opt.step()
+    assert losses.shape == (steps + 1,)
+    np.testing.assert_allclose(losses, torch_losses, rtol=1e-12)
+
+
+def test_least_squares_loss_matches_sklearn():
+    X, y, *_ = _problem(11, 40, 3)
+    fit = sklearn.linear_model.LinearRegression().fit(X, y)
+    np.testing.assert_allclose(ref.least_squares_loss(X, y), np.mean((fit.predict(X) - y) ** 2), rtol=1e-10)
+
+
+def test_steps_to_tolerance_is_the_first_step_within_tolerance():
+    X, y, *_ = _problem(12, 40, 2)
+    X = ref.StandardScaler().fit_transform(X)
+    _, _, losses = ref.gradient_descent(X, y, 0.1, 300)
+    best = ref.least_squares_loss(X, y)
+    k = ref.steps_to_tolerance(X, y, 0.1, 1e-6, 300)
+    assert 0 < k < 300 and losses[k] - best <= 1e-6 < losses[k - 1] - best
+    assert ref.steps_to_tolerance(X, y, 1e-6, 1e-6, 25) == 25
+
+
+@pytest.mark.parametrize("n, d", [(2, 1), (30, 3), (100, 6)])
+def test_hessian_matches_autograd_and_cond(n, d):
+    X, y, w, b = _problem(n + d, n, d)
+    Xt, yt = torch.tensor(X), torch.tensor(y)
+    H = torch.autograd.functional.hessian(lambda t: ((Xt @ t[:-1] + t[-1] - yt) ** 2).mean(),
+                                          torch.tensor(np.append(w, b)))
+    np.testing.assert_allclose(ref.hessian(X), H.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ref.hessian_condition_number(X), np.linalg.cond(H.numpy()), rtol=1e-8)
+
+
+def test_scaling_lowers_the_condition_number():
+    X, *_ = _problem(5, 200, 4)
+    assert ref.hessian_condition_number(ref.StandardScaler().fit_transform(X)) < ref.hessian_condition_number(X) / 10
+
+
+# --- grading: every check fails each catalogue entry with its own name -------
+
+CHECKS = {
+    "MinMaxScaler": grading.check_min_max_scaler,
+    "StandardScaler": grading.check_standard_scaler,
+    "mse_gradient": grading.check_mse_gradient,
+    "gradient_descent": grading.check_gradient_descent,
+    "steps_to_tolerance": grading.check_steps_to_tolerance,
+    "hessian_condition_number": grading.check_hessian_condition_number,
+}
+ENTRIES = [(task, m) for task, catalogue in grading.CATALOGUE.items() for m in catalogue]
+
+
+def test_every_task_has_a_check_and_a_catalogue():
+    assert set(CHECKS) == set(grading.CATALOGUE)
+    assert all(len(c) >= 2 for c in grading.CATALOGUE.values())
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the wrong code's own nan warnings
+@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
+@pytest.mark.parametrize("task, entry", ENTRIES, ids=[f"{t}: {m.name}" for t, m in ENTRIES])
+def test_check_names_each_misconception(task, entry, hidden):
+    with pytest.raises(CheckFailed) as failure:
+        CHECKS[task](entry.impl, hidden=hidden)
+    assert failure.value.misconception == entry.name
+    assert entry.name in str(failure.value) and entry.fix in str(failure.value)
+
+
+@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
+@pytest.mark.parametrize("task", CHECKS)
+def test_a_differently_written_correct_implementation_passes(task, hidden, capsys):
+    CHECKS[task](getattr(alt, task), hidden=hidden)
+    out, err = capsys.readouterr()
+    assert err == "" and "agree" in out
+
+
+@pytest.mark.parametrize("task", CHECKS)
+def test_the_reference_itself_is_refused(task):
+    with pytest.raises(CheckFailed, match="write your own"):
+        CHECKS[task](getattr(ref, task))
+
+
+def test_unknown_bug_reports_where_outputs_differ():
+    def off_by_a_bit(X, y, w, b):
+        dw, db = ref.mse_gradient(X, y, w, b)
+        return dw * 1.01, db
+    with pytest.raises(CheckFailed, match=r"dw: \d+ of \d+ values differ; worst at index") as failure:
+        grading.check_mse_gradient(off_by_a_bit)
+    assert failure.value.misconception is None
+
+
+def test_stub_and_crash_get_clear_messages():
+    def stub(X):
+        raise NotImplementedError()
+    with pytest.raises(CheckFailed, match="not implemented yet"):
+        grading.check_hessian_condition_number(stub)
+    with pytest.raises(CheckFailed, match="raised ZeroDivisionError") as failure:
+        grading.check_hessian_condition_number(lambda X: 1 / 0)
+    assert isinstance(failure.value.__cause__, ZeroDivisionError)
+
+
+# --- the nbgrader cycle -------------------------------------------------------
+
+from nbgrader_cycle import ROOT, run_cycle  # noqa: E402
+
+BUGGY = {  # student -> patches of the model answers, and the misconception the grader must name
+    "ddof": ([("std = X.std(axis=0)", "std = X.std(axis=0, ddof=1)")],
+             "sample standard deviation (ddof=1) instead of the population one"),
+    "no_range": ([("return a + (b - a) * (np.asarray(X, dtype=float) - self.data_min_) / self.data_range_",
+                   "return (np.asarray(X, dtype=float) - self.data_min_) / self.data_range_")],
+                 "min-max ignores feature_range"),
+    "no_two": ([("return 2 / n * X.T @ r, 2 / n * r.sum()", "return 1 / n * X.T @ r, 1 / n * r.sum()")],
+               "the factor 2 is missing"),
+}
+
+
+@pytest.fixture(scope="module")
+def cycle(tmp_path_factory):
+    return run_cycle(tmp_path_factory.mktemp("ch1"), "ch1_feature_scaling",
+                     {student: patches for student, (patches, _) in BUGGY.items()})
+
+
+def test_committed_release_is_in_sync_with_solutions(cycle):
+    committed = ROOT / "exercises" / "ch1_feature_scaling" / "ch1_feature_scaling.ipynb"
+    assert committed.read_text() == cycle.release.read_text(), \
+        "exercises/ is out of date: run `make exercises` and commit the result"
+
+
+def test_release_hides_solutions_and_hidden_tests(cycle):
+    text = cycle.release.read_text()
+    assert "BEGIN SOLUTION" not in text and "HIDDEN TESTS" not in text and "hidden=True" not in text
+    assert text.count("raise NotImplementedError()") >= 6
+
+
+def test_scores(cycle):
+    full = cycle.scores["solution"][1]
+    assert full == 10
+    assert cycle.scores["solution"][0] == full, cycle.log
+    assert cycle.scores["blank"][0] == 0
+    for student in BUGGY:
+        assert 0 < cycle.scores[student][0] < full, (student, cycle.scores[student])
+
+
+def test_corrupt_submission_is_reported_and_harms_no_one(cycle):
+    assert cycle.scores["corrupt"] is None or cycle.scores["corrupt"][0] == 0
+    assert "corrupt" in cycle.log
+    graded = {row["student_id"] for row in cycle.grades_csv if row["assignment"] == "ch1_feature_scaling"}
+    assert {"solution", "blank", *BUGGY} <= graded
+
+
+def test_feedback_names_the_misconception_and_hides_hidden_tests(cycle):
+    for student, (_, name) in BUGGY.items():
+        assert name in cycle.feedback[student].replace("&#39;", "'"), student
+    for student, html in cycle.feedback.items():
+        assert "HIDDEN TESTS" not in html and "hidden=True" not in html, student
+    assert "all 7 cases agree" in cycle.feedback["solution"]  # hidden checks ran and passed

@@ -1,0 +1,345 @@
+"""Chapter 4 - the backward pass of batch normalization: the reference against
+its oracles (PyTorch's F.batch_norm and autograd, torch.autograd.gradcheck's
+finite differences), the properties the page proves, and the grading checks
+against the misconception catalogue."""
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import alt_ch4_backprop as alt
+from bn_reference import backprop as ref
+from bn_reference.benchmarks import backprop as bench
+from bn_reference.grading import CheckFailed
+from bn_reference.grading import backprop as grading
+
+matplotlib.use("Agg")
+
+SHAPES = [(2, 3), (16, 5), (64, 8), (7, 1)]
+BACKWARDS = [ref.batchnorm_backward, ref.batchnorm_backward_compact]
+TOL = {np.float64: {"rtol": 1e-10}, np.float32: {"rtol": 1e-4}}
+
+
+def _layer(seed, shape, dtype=np.float64):
+    """x with features of different means and spreads, gamma away from 1 (both signs), beta, random dout."""
+    rng = np.random.default_rng(seed)
+    n, d = shape
+    x = rng.normal(size=shape) * rng.uniform(0.3, 3, size=d) + rng.uniform(-3, 3, size=d)
+    gamma = rng.uniform(0.5, 2, size=d) * rng.choice([-1.0, 1.0], size=d)
+    beta, dout = rng.normal(size=d), rng.normal(size=shape) + rng.normal(size=d)
+    return [a.astype(dtype) for a in (x, gamma, beta, dout)]
+
+
+def _torch(x, gamma, beta, eps):
+    """F.batch_norm in training mode with autograd on x, gamma and beta."""
+    xt, gt, bt = (torch.tensor(a, requires_grad=True) for a in (x, gamma, beta))
+    return (xt, gt, bt), F.batch_norm(xt, None, None, gt, bt, training=True, eps=eps)
+
+
+def _close(ours, theirs, rtol, scale=0.0):
+    """Agreement relative to the larger of the array's scale and ``scale``, the size of the
+    terms it was computed from (dx of a batch of 2 is a tiny difference of O(1) terms)."""
+    theirs = np.asarray(theirs, dtype=np.float64)
+    np.testing.assert_allclose(ours, theirs, rtol=rtol, atol=rtol * max(np.abs(theirs).max(), scale))
+
+
+# --- forward and backward against PyTorch -----------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("eps", [1e-5, 1e-3])
+def test_forward_matches_torch_batch_norm(shape, dtype, eps):
+    x, gamma, beta, _ = _layer(sum(shape), shape, dtype)
+    out, cache = ref.batchnorm_forward(x, gamma, beta, eps)
+    _, out_t = _torch(x, gamma, beta, eps)
+    _close(out, out_t.detach().numpy(), TOL[dtype]["rtol"])
+    var_t, mu_t = torch.var_mean(torch.tensor(x), dim=0, unbiased=False)
+    _close(cache["mu"], mu_t.numpy(), TOL[dtype]["rtol"])
+    _close(cache["var"], var_t.numpy(), TOL[dtype]["rtol"])
+    assert out.dtype == dtype
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_backward_matches_autograd(backward, shape, dtype):
+    x, gamma, beta, dout = _layer(10 + sum(shape), shape, dtype)
+    _, cache = ref.batchnorm_forward(x, gamma, beta)
+    inputs, out_t = _torch(x, gamma, beta, 1e-5)
+    grads_t = torch.autograd.grad(out_t, inputs, torch.tensor(dout))
+    terms = np.abs(gamma * cache["inv_std"] * dout).max()
+    for ours, theirs in zip(backward(dout, cache), grads_t):
+        _close(ours, theirs.numpy(), TOL[dtype]["rtol"], terms)
+
+
+class _NumpyBatchNorm(torch.autograd.Function):
+    """The reference forward and a reference backward as one autograd node, for gradcheck."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, backward):
+        out, ctx.cache = ref.batchnorm_forward(x.numpy(), gamma.numpy(), beta.numpy())
+        ctx.backward = backward
+        return torch.from_numpy(out)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return (*(torch.from_numpy(g) for g in ctx.backward(dout.numpy(), ctx.cache)), None)
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize("shape", [(2, 3), (5, 4), (9, 2)])
+def test_backward_passes_torch_gradcheck(backward, shape):
+    """torch.autograd.gradcheck compares our backward with its own central differences."""
+    x, gamma, beta, _ = (torch.tensor(a, requires_grad=True) for a in _layer(20 + sum(shape), shape))
+    assert torch.autograd.gradcheck(lambda *a: _NumpyBatchNorm.apply(*a, backward), (x, gamma, beta),
+                                    eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+# --- what the page proves ---------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_staged_equals_compact(shape):
+    x, gamma, beta, dout = _layer(30 + sum(shape), shape)
+    _, cache = ref.batchnorm_forward(x, gamma, beta)
+    terms = np.abs(gamma * cache["inv_std"] * dout).max()
+    for a, b in zip(*(backward(dout, cache) for backward in BACKWARDS)):
+        _close(a, b, 1e-12, terms)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("eps", [0.0, 1e-5, 0.3])
+def test_dx_sums_to_zero_and_is_orthogonal_to_x_hat_up_to_eps(shape, eps):
+    """Per feature, sum_i dx_i = 0 for any eps, and
+    sum_i dx_i x_hat_i = gamma * eps / sigma^3 * sum_i dout_i x_hat_i, which is 0 only when eps = 0."""
+    x, gamma, beta, dout = _layer(40 + sum(shape), shape)
+    _, cache = ref.batchnorm_forward(x, gamma, beta, eps)
+    dx, dgamma, _ = ref.batchnorm_backward_compact(dout, cache)
+    terms = np.abs(gamma * cache["inv_std"] * dout).sum(axis=0) * (1 + np.abs(cache["x_hat"]).max())
+    np.testing.assert_allclose(dx.sum(axis=0), 0.0, atol=1e-14 * terms.max())
+    expected = gamma * eps * cache["inv_std"] ** 3 * dgamma
+    np.testing.assert_allclose((dx * cache["x_hat"]).sum(axis=0), expected, rtol=1e-8, atol=1e-14 * terms.max())
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_dout_constant_per_feature_gives_zero_dx(backward):
+    """Why dout = ones proves nothing: dx is 0 while dgamma, dbeta are not."""
+    x, gamma, beta, _ = _layer(50, (16, 4))
+    _, cache = ref.batchnorm_forward(x, gamma, beta)
+    for dout in (np.ones_like(x), np.broadcast_to([2.0, -1.0, 0.5, 3.0], x.shape)):
+        dx, dgamma, dbeta = backward(dout, cache)
+        assert np.abs(dx).max() < 1e-14 * np.abs(gamma * cache["inv_std"]).max() * 16
+        np.testing.assert_allclose(dbeta, dout.sum(axis=0))
+
+
+def test_a_batch_of_two_passes_no_gradient_when_eps_is_zero():
+    """With N = 2, x_hat = (+1, -1) whatever x is, so dx = 0 (and only O(eps / var) with eps > 0)."""
+    x, gamma, beta, dout = _layer(60, (2, 5))
+    _, cache = ref.batchnorm_forward(x, gamma, beta, eps=0.0)
+    dx, _, _ = ref.batchnorm_backward_compact(dout, cache)
+    assert np.abs(dx).max() < 1e-12
+    _, cache = ref.batchnorm_forward(x, gamma, beta)
+    dx, _, _ = ref.batchnorm_backward_compact(dout, cache)
+    assert 0 < np.abs(dx).max() < 1e-3
+
+
+def test_constant_statistics_gradient_moves_the_batch_mean():
+    """dx = gamma * dout / sigma (mu, sigma held constant) has a non-zero batch sum: a step
+    along it shifts the batch, which the normalization then undoes (paper, Sec. 2)."""
+    x, gamma, beta, dout = _layer(70, (32, 3))
+    _, cache = ref.batchnorm_forward(x, gamma, beta)
+    naive = gamma * dout * cache["inv_std"]
+    assert np.all(np.abs(naive.sum(axis=0)) > 1e-3)
+    out_before, _ = ref.batchnorm_forward(x, gamma, beta)
+    out_after, _ = ref.batchnorm_forward(x - 0.1 * naive.mean(axis=0), gamma, beta)
+    np.testing.assert_allclose(out_after, out_before, rtol=1e-12, atol=1e-12)
+
+
+# --- numerical gradient and rel_error ------------------------------------------
+
+@pytest.mark.parametrize("shape", [(2, 3), (5, 4)])
+def test_numerical_gradient_matches_autograd(shape):
+    x, gamma, beta, dout = _layer(80 + sum(shape), shape)
+    inputs, out_t = _torch(x, gamma, beta, 1e-5)
+    dx_t, = torch.autograd.grad(out_t, inputs[0], torch.tensor(dout))
+    x_before = x.copy()
+    numeric = ref.numerical_gradient(lambda z: ref.batchnorm_forward(z, gamma, beta)[0], x, dout)
+    np.testing.assert_allclose(numeric, dx_t.numpy(), rtol=1e-6, atol=1e-8)
+    np.testing.assert_array_equal(x, x_before)
+    assert numeric.dtype == np.float64
+
+
+def test_numerical_gradient_of_a_non_square_map_and_a_float32_input():
+    rng = np.random.default_rng(90)
+    x, w, dout = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(4, 2)), rng.normal(size=(3, 2))
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    torch.tanh(xt @ torch.tensor(w)).backward(torch.tensor(dout))
+    numeric = ref.numerical_gradient(lambda z: np.tanh(z @ w), x, dout, h=1e-4)
+    np.testing.assert_allclose(numeric, xt.grad.numpy(), rtol=1e-7, atol=1e-9)
+
+
+def test_rel_error_values():
+    assert ref.rel_error([1.0, 2.0], [1.0, 2.0]) == 0.0
+    assert ref.rel_error([0.0, 1.0], [0.0, 1.0]) == 0.0
+    assert ref.rel_error([1.0, 100.0], [3.0, 100.0]) == pytest.approx(0.5)
+    assert ref.rel_error([0.0], [1e-9]) == pytest.approx(0.1)
+    a, b = np.random.default_rng(0).normal(size=(2, 7))
+    assert ref.rel_error(a, b) == ref.rel_error(b, a)
+    assert isinstance(ref.rel_error(a, b), float)
+
+
+# --- contract and bad input -------------------------------------------------
+
+def test_cache_holds_the_documented_keys():
+    x, gamma, beta, _ = _layer(95, (6, 3))
+    _, cache = ref.batchnorm_forward(x, gamma, beta, eps=1e-3)
+    assert set(cache) == set(ref.CACHE_KEYS)
+    assert {"x_hat", "mu", "var", "inv_std", "gamma", "eps"} <= set(cache)  # Chapter 5 reads these
+    np.testing.assert_allclose(cache["var"], x.var(axis=0, ddof=0))
+    np.testing.assert_allclose(cache["inv_std"], 1 / np.sqrt(x.var(axis=0) + 1e-3))
+    np.testing.assert_allclose(cache["x_centered"], x - x.mean(axis=0))
+    assert cache["eps"] == 1e-3
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: ref.batchnorm_forward(np.ones(5), 1.0, 0.0), "2-D"),
+    (lambda: ref.batchnorm_forward(np.ones((1, 3)), np.ones(3), np.zeros(3)), "N >= 2"),
+    (lambda: ref.batchnorm_forward(np.ones((4, 3)), np.ones(2), np.zeros(3)), "gamma must have shape"),
+    (lambda: ref.batchnorm_forward(np.ones((4, 3)), np.ones(3), np.zeros(3), eps=-1.0), "eps"),
+    (lambda: ref.batchnorm_backward(np.ones((3, 3)), ref.batchnorm_forward(np.eye(4, 3), 1.0, 0.0)[1]), "dout"),
+    (lambda: ref.batchnorm_backward_compact(np.ones(3), ref.batchnorm_forward(np.eye(4, 3), 1.0, 0.0)[1]), "dout"),
+    (lambda: ref.numerical_gradient(np.tanh, np.ones(3), np.ones(3), h=0.0), "h must be > 0"),
+    (lambda: ref.numerical_gradient(np.tanh, np.ones(3), np.ones(4)), "shape of f"),
+    (lambda: ref.rel_error(np.ones(3), np.ones(4)), "same shape"),
+])
+def test_bad_input_is_rejected_clearly(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# --- grading: every check fails each catalogue entry with its own name -------
+
+CHECKS = {
+    "batchnorm_forward": grading.check_batchnorm_forward,
+    "batchnorm_backward": grading.check_batchnorm_backward,
+    "batchnorm_backward_compact": grading.check_batchnorm_backward_compact,
+    "numerical_gradient": grading.check_numerical_gradient,
+    "rel_error": grading.check_rel_error,
+}
+ENTRIES = [(task, m) for task, catalogue in grading.CATALOGUE.items() for m in catalogue]
+
+
+def test_every_task_has_a_check_and_a_catalogue():
+    assert set(CHECKS) == set(grading.CATALOGUE)
+    assert all(len(c) >= 2 for c in grading.CATALOGUE.values())
+    assert all(len({m.name for m in c}) == len(c) for c in grading.CATALOGUE.values())
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the wrong code's own nan warnings
+@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
+@pytest.mark.parametrize("task, entry", ENTRIES, ids=[f"{t}: {m.name}" for t, m in ENTRIES])
+def test_check_names_each_misconception(task, entry, hidden):
+    with pytest.raises(CheckFailed) as failure:
+        CHECKS[task](entry.impl, hidden=hidden)
+    assert failure.value.misconception == entry.name
+    assert entry.name in str(failure.value) and entry.fix in str(failure.value)
+
+
+@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
+@pytest.mark.parametrize("task", CHECKS)
+def test_a_differently_written_correct_implementation_passes(task, hidden, capsys):
+    CHECKS[task](getattr(alt, task), hidden=hidden)
+    out, err = capsys.readouterr()
+    assert err == "" and "agree" in out
+
+
+@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
+@pytest.mark.parametrize("task", CHECKS)
+def test_the_reference_behind_a_wrapper_passes(task, hidden, capsys):
+    fn = getattr(ref, task)
+    CHECKS[task](lambda *args: fn(*args), hidden=hidden)
+    out, err = capsys.readouterr()
+    assert err == "" and "agree" in out
+
+
+@pytest.mark.parametrize("task", CHECKS)
+def test_the_reference_itself_is_refused(task):
+    with pytest.raises(CheckFailed, match=f"write your own {task} in"):
+        CHECKS[task](getattr(ref, task))
+
+
+def test_the_learners_own_cache_feeds_the_learners_backward():
+    """The notebook's design: a forward that passes its check makes a cache the backward
+    functions read exactly like the reference's."""
+    x, gamma, beta, dout = _layer(99, (8, 3))
+    theirs = alt.batchnorm_backward(dout, alt.batchnorm_forward(x, gamma, beta)[1])
+    for a, b in zip(theirs, ref.batchnorm_backward(dout, ref.batchnorm_forward(x, gamma, beta)[1])):
+        _close(a, b, 1e-12)
+
+
+def test_forward_cache_problems_are_named():
+    def no_cache_keys(x, gamma, beta, eps=1e-5):
+        return ref.batchnorm_forward(x, gamma, beta, eps)[0], {"x_hat": 0}
+
+    def keepdims_mu(x, gamma, beta, eps=1e-5):
+        out, cache = ref.batchnorm_forward(x, gamma, beta, eps)
+        return out, {**cache, "mu": cache["mu"][None, :]}
+
+    with pytest.raises(CheckFailed, match="cache lacks 'x_centered', 'mu'"):
+        grading.check_batchnorm_forward(no_cache_keys)
+    with pytest.raises(CheckFailed, match=r"cache\['mu'\]: expected shape \(4,\), got shape \(1, 4\)"):
+        grading.check_batchnorm_forward(keepdims_mu)
+    with pytest.raises(CheckFailed, match="must return a pair"):
+        grading.check_batchnorm_forward(lambda x, gamma, beta, eps=1e-5: gamma * x + beta)
+
+
+def _looping_compact(dout, cache):
+    dx = np.empty_like(dout)
+    for j in range(dout.shape[1]):
+        dx[:, j] = ref.batchnorm_backward_compact(dout[:, j:j + 1], {k: v[..., j:j + 1] if np.ndim(v) else v
+                                                                      for k, v in cache.items()})[0][:, 0]
+    return dx, (dout * cache["x_hat"]).sum(axis=0), dout.sum(axis=0)
+
+
+def _builtin_sum_compact(dout, cache):
+    dx = ref.batchnorm_backward_compact(dout, cache)[0]
+    return dx, sum(dout * cache["x_hat"]), dout.sum(axis=0)
+
+
+@pytest.mark.parametrize("impl, what", [(_looping_compact, "a for loop"), (_builtin_sum_compact, "built-in sum")])
+def test_compact_backward_with_a_python_loop_is_refused(impl, what):
+    grading.check_batchnorm_backward(impl)  # correct values ...
+    with pytest.raises(CheckFailed, match=what) as failure:  # ... but not the closed form
+        grading.check_batchnorm_backward_compact(impl)
+    assert failure.value.misconception == "a Python loop in the compact backward pass"
+
+
+def test_unknown_bug_reports_where_outputs_differ():
+    def off_by_a_bit(dout, cache):
+        dx, dgamma, dbeta = ref.batchnorm_backward(dout, cache)
+        return dx * 1.001, dgamma, dbeta
+    with pytest.raises(CheckFailed, match=r"batchnorm_backward's dx is wrong.*\n.*dx: \d+ of \d+ values differ; worst at") as failure:
+        grading.check_batchnorm_backward(off_by_a_bit)
+    assert failure.value.misconception is None
+
+
+def test_stub_and_crash_get_clear_messages():
+    def stub(dout, cache):
+        raise NotImplementedError()
+    with pytest.raises(CheckFailed, match="not implemented yet"):
+        grading.check_batchnorm_backward(stub)
+    with pytest.raises(CheckFailed, match="raised KeyError") as failure:
+        grading.check_batchnorm_backward(lambda dout, cache: cache["x"])
+    assert isinstance(failure.value.__cause__, KeyError)
+
+
+# --- the benchmark runs (its timings are reported, never asserted) ---------------
+
+def test_benchmark_runs_and_draws():
+    rows = bench.run(shapes=[(8, 4)], dtypes=("float32", "float64"), repeats=1)
+    assert [r["dtype"] for r in rows] == ["float32", "float64"]
+    assert all(set(r["seconds"]) == set(bench.VARIANTS) and min(r["seconds"].values()) > 0 for r in rows)
+    assert "staged/compact" in bench.format_table(rows)
+    fig = bench.plot(rows)
+    assert len(fig.axes) == 2
