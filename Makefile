@@ -12,7 +12,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -qq --disable-pip-version-check -r requirements.txt
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,10 +1,12 @@
-"""Sphinx extension for the course: the ``exercise`` directive.
+"""Sphinx extension for the course: exercise links.
 
 ``{exercise} ch1_feature_scaling`` renders a box with the released exercise
 notebook (``exercises/<slug>/<slug>.ipynb``) as a download, and links that open
-it in Colab, Binder and a JupyterHub. The links are built from the
-``repository`` and ``launch_buttons`` settings of ``_config.yml``, the same
-settings that drive the launch buttons at the top of each page.
+it in Colab, Binder and a JupyterHub. The launch buttons at the top of a chapter
+page (sphinx-book-theme's rocket menu) are pointed at the same notebook: the
+theme would open the page's own MyST source, which Colab cannot read and which
+is not what a learner wants to edit. All links are built from the ``repository``
+and ``launch_buttons`` settings of ``_config.yml``.
 """
 
 from pathlib import Path
@@ -62,6 +64,28 @@ class ExerciseDirective(SphinxDirective):
         return [box]
 
 
+def exercise_for(srcdir: str, pagename: str) -> str | None:
+    """The exercise path of chapter page ``book/<slug>``, if that exercise exists."""
+    slug = pagename.rpartition("/")[2]
+    path = f"exercises/{slug}/{slug}.ipynb"
+    return path if (Path(srcdir) / path).is_file() else None
+
+
+def point_launch_buttons_at_exercise(app, pagename, templatename, context, doctree):
+    """Rewrite the theme's launch buttons of a chapter page to open its exercise."""
+    path = exercise_for(app.srcdir, pagename)
+    groups = [b for b in context.get("header_buttons", []) if b.get("label") == "launch-buttons"]
+    if not path or not groups:
+        return
+    links = dict(launch_links(app.config.html_theme_options, path))
+    for button in groups[0]["buttons"]:
+        if button.get("text") in links:
+            button["url"] = links[button["text"]]
+            button["tooltip"] = f"Open this chapter's exercise in {button['text']}"
+
+
 def setup(app):
     app.add_directive("exercise", ExerciseDirective)
+    # after sphinx-book-theme has added its launch buttons (priority 501)
+    app.connect("html-page-context", point_launch_buttons_at_exercise, priority=502)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
