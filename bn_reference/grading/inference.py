@@ -16,14 +16,16 @@ of a 2-D sequence, then one 4-D step (the output only), then the rest.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from functools import partial
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .. import inference as ref
-from . import Case, Misconception, run_check
+from . import Case, CheckFailed, Misconception, run_check
 
 __all__ = [
     "check_batchnorm",
@@ -219,9 +221,10 @@ def _population(means, variances, m, bug=None):
     """Algorithm 2 with switchable mistakes."""
     means, variances = np.asarray(means, dtype=np.float64), np.asarray(variances, dtype=np.float64)
     k = len(means)
+    if bug == "var_of_means":
+        return means.mean(axis=0), means.var(axis=0)
     factor = {None: m / (m - 1), "biased": 1.0, "inverted": (m - 1) / m, "batches": k / (k - 1)}[bug]
-    var = means.var(axis=0) if bug == "var_of_means" else factor * variances.mean(axis=0)
-    return means.mean(axis=0), var
+    return means.mean(axis=0), factor * variances.mean(axis=0)
 
 
 POPULATION_CATALOGUE = [
@@ -331,34 +334,35 @@ RECALIBRATE_CATALOGUE = [
 
 def _counts(model, bug=None):
     """BN parameter counts with switchable mistakes."""
-    model_params = [p for p in model.parameters()]
     trainable = non_trainable = 0
     for bn in ref.batchnorm_layers(model):
         for p in bn.parameters(recurse=False):
-            if p.requires_grad or bug == "frozen_ignored" or bug == "all_trainable":
+            if p.requires_grad or bug in ("frozen_ignored", "all_trainable"):
                 trainable += p.numel()
             else:
                 non_trainable += p.numel()
         if bn.running_mean is not None and bug != "buffers_ignored":
             stats = 2 * bn.running_mean.numel()
-            trainable, non_trainable = ((trainable + stats, non_trainable) if bug == "all_trainable"
-                                        else (trainable, non_trainable + stats + (bug == "counter")))
+            if bug == "all_trainable":
+                trainable += stats
+            else:
+                non_trainable += stats + (bug == "counter")  # the counter: one value per layer
     if bug == "whole_model":
-        trainable = sum(p.numel() for p in model_params if p.requires_grad)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, non_trainable
 
 
 COUNTS_CATALOGUE = [
     Misconception(
-        "running mean and variance counted as trainable",
-        "running_mean and running_var are buffers estimated by averaging, never by gradient descent: "
-        "count them as non-trainable (Keras: 4 weights per feature, 2 of them trainable).",
-        partial(_counts, bug="all_trainable")),
-    Misconception(
         "running mean and variance not counted",
         "they are buffers, not parameters, so model.parameters() skips them, but the layer stores them: "
         "add running_mean.numel() + running_var.numel() to the non-trainable count.",
         partial(_counts, bug="buffers_ignored")),
+    Misconception(
+        "running mean and variance counted as trainable",
+        "running_mean and running_var are buffers estimated by averaging, never by gradient descent: "
+        "count them as non-trainable (Keras: 4 weights per feature, 2 of them trainable).",
+        partial(_counts, bug="all_trainable")),
     Misconception(
         "num_batches_tracked counted as a parameter",
         "num_batches_tracked is an integer step counter, not a statistic of the features: leave it out.",
@@ -481,7 +485,7 @@ def _run_batchnorm(cls, case):
     bn, out = make(), {}
     if d["record"] == "initial":
         for name in ("gamma", "beta", "running_mean", "running_var", "num_batches_tracked", "training"):
-            out[f"initial {name}"] = getattr(bn, name, "missing")
+            out[f"initial {name}"] = copy.deepcopy(getattr(bn, name, "missing"))  # not a view: it changes in place
     for i, (mode, x, _) in enumerate(d["steps"], 1):
         label = _step_label(i, mode, x)
         if d["record"] == "outcome":
@@ -562,12 +566,33 @@ def _run_torch_batchnorm(cls, case):
     return out
 
 
+BUILTIN_BATCH_NORM = "PyTorch's own batch norm used instead of your code"
+
+
+@contextmanager
+def _without_builtin_batch_norm():
+    """F.batch_norm and torch.batch_norm (which nn.BatchNorm* call) raise while checking."""
+    def refuse(*args, **kwargs):
+        raise CheckFailed(
+            "TorchBatchNorm calls F.batch_norm or torch.batch_norm (directly or through nn.BatchNorm1d/2d): "
+            "compute the mean, the variance and the running statistics yourself with tensor operations.",
+            misconception=BUILTIN_BATCH_NORM)
+    saved = F.batch_norm, torch.batch_norm
+    F.batch_norm = torch.batch_norm = refuse
+    try:
+        yield
+    finally:
+        F.batch_norm, torch.batch_norm = saved
+
+
 def check_torch_batchnorm(TorchBatchNorm, hidden=False):
-    """Check a TorchBatchNorm module: structure, outputs, gradients and buffers after every step."""
+    """Check a TorchBatchNorm module: structure, outputs, gradients and buffers after every
+    step, written without PyTorch's own batch norm."""
     __tracebackhide__ = True
-    _report("TorchBatchNorm", run_check("TorchBatchNorm", TorchBatchNorm, ref.TorchBatchNorm,
-                                        _layer_cases(hidden, True), _run_torch_batchnorm,
-                                        TORCH_BATCHNORM_CATALOGUE))
+    with _without_builtin_batch_norm():
+        n = run_check("TorchBatchNorm", TorchBatchNorm, ref.TorchBatchNorm, _layer_cases(hidden, True),
+                      _run_torch_batchnorm, TORCH_BATCHNORM_CATALOGUE)
+    _report("TorchBatchNorm", n)
 
 
 def _population_cases(hidden):

@@ -1,0 +1,487 @@
+"""Chapter 5 - inference and running statistics: the reference against its
+oracles (torch.nn.BatchNorm1d/2d over seeded train/eval sequences,
+torch.nn.utils.fusion, torch.optim.swa_utils.update_bn, the paper's
+Algorithm 2), and the grading checks against the misconception catalogue."""
+
+import contextlib
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+from torch.optim.swa_utils import update_bn
+
+import alt_ch5_inference as alt
+from bn_reference import inference as ref
+from bn_reference.grading import CheckFailed
+from bn_reference.grading import inference as grading
+
+SHAPES = [(8, 3), (2, 5), (5, 3, 7), (1, 4, 6), (4, 3, 3, 3), (2, 2, 1, 3)]
+DTYPES = {torch.float64: {"rtol": 1e-10, "atol": 1e-10}, torch.float32: {"rtol": 1e-4, "atol": 1e-4}}
+
+
+def _oracle(num_features, ndim, **kwargs):
+    """PyTorch's own module for this input rank: BatchNorm1d for 2-D and 3-D, BatchNorm2d for 4-D."""
+    return (nn.BatchNorm2d if ndim == 4 else nn.BatchNorm1d)(num_features, **kwargs)
+
+
+def _steps(seed, shape, n_steps=8):
+    """Seeded random train/eval modes (training first) and batches whose channels differ in mean and spread."""
+    rng = np.random.default_rng(seed)
+    c, view = shape[1], (1, shape[1]) + (1,) * (len(shape) - 2)
+    loc, scale = rng.uniform(-3, 3, c).reshape(view), rng.uniform(0.3, 3, c).reshape(view)
+    modes = ["train"] + list(rng.choice(["train", "eval"], size=n_steps - 1))
+    return [(mode, rng.normal(size=shape) * scale + loc, rng.normal(size=shape)) for mode in modes]
+
+
+def _randomize(*modules, seed=0):
+    """The same random gamma and beta in every module."""
+    gen = torch.Generator().manual_seed(seed)
+    c = modules[0].num_features
+    gamma, beta = torch.randn(c, generator=gen, dtype=torch.float64), torch.randn(c, generator=gen, dtype=torch.float64)
+    for m in modules:
+        if isinstance(m, nn.Module):
+            with torch.no_grad():
+                m.weight.copy_(gamma)
+                m.bias.copy_(beta)
+        else:
+            m.gamma, m.beta = gamma.numpy().copy(), beta.numpy().copy()
+
+
+def _assert_close(ours, theirs, tol):
+    ours = ours.detach().double().numpy() if torch.is_tensor(ours) else np.asarray(ours, dtype=np.float64)
+    np.testing.assert_allclose(ours, theirs.detach().double().numpy(), **tol)
+
+
+# --- the NumPy layer against torch.nn.BatchNorm1d / 2d -----------------------
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("momentum", [0.1, None, 0.3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numpy_layer_matches_torch_after_every_step(shape, momentum, dtype):
+    ours, torch_bn = ref.BatchNorm(shape[1], momentum=momentum), _oracle(shape[1], len(shape), momentum=momentum)
+    torch_bn = torch_bn.to(dtype)
+    _randomize(ours, torch_bn, seed=len(shape))
+    tol = DTYPES[dtype]
+    for mode, x, _ in _steps(sum(shape), shape):
+        getattr(ours, mode)()
+        torch_bn.train(mode == "train")
+        x = x.astype(np.float32) if dtype == torch.float32 else x
+        with torch.no_grad():
+            _assert_close(ours.forward(x), torch_bn(torch.tensor(x)), tol)
+        _assert_close(ours.running_mean, torch_bn.running_mean, tol)
+        _assert_close(ours.running_var, torch_bn.running_var, tol)
+        assert ours.num_batches_tracked == torch_bn.num_batches_tracked.item()
+
+
+def test_numpy_layer_defaults_and_modes():
+    bn = ref.BatchNorm(3)
+    assert (bn.eps, bn.momentum, bn.training, bn.num_batches_tracked) == (1e-5, 0.1, True, 0)
+    np.testing.assert_array_equal(bn.running_var, np.ones(3))
+    assert bn.eval() is bn and not bn.training and bn.train() is bn and bn.training
+
+
+# --- the PyTorch module against torch.nn.BatchNorm1d / 2d --------------------
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kwargs", [{}, {"momentum": None}, {"momentum": 0.3, "eps": 1e-3},
+                                    {"affine": False}, {"track_running_stats": False},
+                                    {"affine": False, "track_running_stats": False}])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_module_matches_torch_after_every_step(shape, kwargs, dtype):
+    ours = ref.TorchBatchNorm(shape[1], dtype=dtype, **kwargs)
+    theirs = _oracle(shape[1], len(shape), dtype=dtype, **kwargs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert [n for n, _ in ours.named_buffers()] == [n for n, _ in theirs.named_buffers()]
+    if ours.affine:
+        _randomize(ours, theirs, seed=7)
+    tol = DTYPES[dtype]
+    for mode, x, dout in _steps(10 + sum(shape), shape):
+        ours.train(mode == "train")
+        theirs.train(mode == "train")
+        x_ours, x_theirs = (torch.tensor(x, dtype=dtype, requires_grad=True) for _ in range(2))
+        y_ours, y_theirs = ours(x_ours), theirs(x_theirs)
+        (y_ours * torch.tensor(dout, dtype=dtype)).sum().backward()
+        (y_theirs * torch.tensor(dout, dtype=dtype)).sum().backward()
+        _assert_close(y_ours, y_theirs, tol)
+        _assert_close(x_ours.grad, x_theirs.grad, tol)
+        for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+            _assert_close(p.grad, q.grad, tol)
+        ours.zero_grad()
+        theirs.zero_grad()
+        for (name, b), c in zip(ours.named_buffers(), theirs.buffers()):
+            assert b.dtype == c.dtype and b.grad_fn is None and not b.requires_grad, name
+            _assert_close(b, c, tol)
+
+
+def test_torch_module_state_dict_loads_both_ways():
+    theirs = nn.BatchNorm2d(4)
+    theirs(torch.randn(8, 4, 3, 3) * 2 + 1)
+    ours = ref.TorchBatchNorm(4)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 4, 3, 3)
+    torch.testing.assert_close(ours.eval()(x), theirs.eval()(x))
+    nn.BatchNorm2d(4).load_state_dict(ours.state_dict())
+    assert ours.num_batches_tracked.item() == 1 and ours.running_mean.requires_grad is False
+    assert sum(p.numel() for p in ours.parameters()) == 8  # gamma and beta only
+
+
+def test_torch_module_repr_and_reset_follow_pytorch():
+    bn = ref.TorchBatchNorm(3, momentum=None)
+    assert "3, eps=1e-05, momentum=None" in repr(bn)
+    bn(torch.randn(4, 3) + 5)
+    bn.reset_running_stats()
+    torch.testing.assert_close(bn.running_var, torch.ones(3))
+    assert bn.num_batches_tracked.item() == 0 and bn.running_mean.abs().sum() == 0
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1)])
+def test_one_value_per_channel_raises_like_pytorch(shape):
+    x = torch.randn(shape)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        _oracle(3, len(shape))(x)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        ref.TorchBatchNorm(3)(x)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        ref.BatchNorm(3).forward(x.numpy())
+    torch.testing.assert_close(ref.TorchBatchNorm(3).eval()(x), _oracle(3, len(shape)).eval()(x))
+    np.testing.assert_allclose(ref.BatchNorm(3).eval().forward(x.numpy()), x.numpy() / np.sqrt(1 + 1e-5))
+
+
+# --- moving averages, Algorithm 2 -------------------------------------------
+
+def test_keras_momentum_099_is_pytorch_momentum_001():
+    """A Keras-convention EMA (momentum on the old value) in NumPy against PyTorch's module."""
+    rng = np.random.default_rng(5)
+    torch_bn = nn.BatchNorm1d(3, momentum=ref.convert_momentum(0.99)).double()
+    keras_mean = np.zeros(3)
+    for _ in range(50):
+        x = rng.normal(size=(16, 3)) + [1.0, -2.0, 4.0]
+        torch_bn(torch.tensor(x))
+        keras_mean = ref.ema_update(keras_mean, x.mean(axis=0), 0.99, convention="keras")
+    np.testing.assert_allclose(keras_mean, torch_bn.running_mean.numpy(), rtol=1e-12)
+    assert ref.convert_momentum(ref.convert_momentum(0.1)) == pytest.approx(0.1)
+    # after 50 steps the Keras default has moved only 1 - 0.99**50 = 39.5% of the way
+    np.testing.assert_allclose(keras_mean / [1.0, -2.0, 4.0], 1 - 0.99 ** 50, rtol=0.05)
+
+
+@pytest.mark.parametrize("k, m, c", [(5, 8, 3), (1, 2, 1), (20, 32, 4)])
+def test_population_statistics_match_pytorch_cumulative_average(k, m, c):
+    """Algorithm 2 equals the cumulative average (momentum=None) of PyTorch's
+    running statistics over batches of equal size."""
+    rng = np.random.default_rng(k + m)
+    batches = rng.normal(size=(k, m, c)) * rng.uniform(0.5, 3, c) + rng.uniform(-4, 4, c)
+    torch_bn = nn.BatchNorm1d(c, momentum=None).double()
+    for x in batches:
+        torch_bn(torch.tensor(x))
+    mean, var = ref.population_statistics(batches.mean(axis=1), batches.var(axis=1), m)
+    np.testing.assert_allclose(mean, torch_bn.running_mean.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(var, torch_bn.running_var.numpy(), rtol=1e-12)
+    # the paper's form: the average of the unbiased batch variances
+    np.testing.assert_allclose(var, batches.var(axis=1, ddof=1).mean(axis=0), rtol=1e-12)
+
+
+# --- folding, recalibration, parameter counts -------------------------------
+
+def _layer_and_bn(kind, bias, dtype, seed):
+    torch.manual_seed(seed)
+    if kind == "linear":
+        layer, bn, x = nn.Linear(6, 4, bias=bias), nn.BatchNorm1d(4, eps=1e-3), torch.randn(5, 6)
+    else:
+        layer = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=bias)
+        bn, x = nn.BatchNorm2d(6), torch.randn(2, 4, 9, 9)
+    bn.train()
+    for _ in range(3):  # real running statistics
+        bn(layer(torch.randn_like(x) * 2 + 1))
+    with torch.no_grad():
+        bn.weight.uniform_(-2, 2)
+        bn.bias.normal_()
+    return layer.to(dtype).eval(), bn.to(dtype).eval(), x.to(dtype)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fold_matches_torch_fusion_and_the_pair(kind, bias, dtype):
+    layer, bn, x = _layer_and_bn(kind, bias, dtype, seed=int(bias))
+    folded = ref.fold_batchnorm(layer, bn)
+    fuse = fuse_linear_bn_eval if kind == "linear" else fuse_conv_bn_eval
+    fused = fuse(copy.deepcopy(layer), copy.deepcopy(bn))
+    assert type(folded) is type(layer) and folded is not layer
+    with torch.no_grad():
+        _assert_close(folded.weight, fused.weight, DTYPES[dtype])
+        _assert_close(folded.bias, fused.bias, DTYPES[dtype])
+        _assert_close(folded(x), bn(layer(x)), DTYPES[dtype])
+
+
+def _mlp(seed, dropout=False):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                          nn.Dropout(0.5) if dropout else nn.Identity(),
+                          nn.Linear(8, 3), nn.BatchNorm1d(3, momentum=None),
+                          nn.Unflatten(1, (3, 1, 1)), nn.BatchNorm2d(3, momentum=0.3)).double()
+    model(torch.randn(10, 5, dtype=torch.float64) * 3)  # stale statistics
+    return model.eval(), [torch.randn(n, 5, dtype=torch.float64) + 1 for n in (6, 9, 7)]
+
+
+def test_recalibration_matches_swa_update_bn():
+    ours, batches = _mlp(0)
+    theirs = copy.deepcopy(ours)
+    weights = copy.deepcopy(list(ours.parameters()))
+    assert ref.recalibrate_batchnorm(ours, batches) is ours
+    update_bn(batches, theirs)
+    for a, b in zip(ref.batchnorm_layers(ours), ref.batchnorm_layers(theirs)):
+        torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-12, atol=1e-12)
+        assert a.num_batches_tracked.item() == b.num_batches_tracked.item() == 3
+        assert a.momentum == b.momentum
+    assert not any(m.training for m in ours.modules())
+    assert all(torch.equal(a, b) for a, b in zip(weights, ours.parameters()))
+
+
+def test_recalibration_of_equal_batches_is_algorithm_2():
+    bn = nn.BatchNorm1d(4).double()
+    batches = [torch.randn(8, 4, dtype=torch.float64) * 2 + 3 for _ in range(5)]
+    ref.recalibrate_batchnorm(bn, batches)
+    stacked = torch.stack(batches).numpy()
+    mean, var = ref.population_statistics(stacked.mean(axis=1), stacked.var(axis=1), 8)
+    np.testing.assert_allclose(bn.running_mean.numpy(), mean, rtol=1e-12)
+    np.testing.assert_allclose(bn.running_var.numpy(), var, rtol=1e-12)
+    assert bn.training and bn.momentum == 0.1
+
+
+def test_recalibration_turns_dropout_off():
+    """update_bn runs the whole model in training mode; the reference keeps Dropout off."""
+    model, batches = _mlp(1, dropout=True)
+    no_dropout = copy.deepcopy(model)
+    no_dropout[3] = nn.Identity()
+    ref.recalibrate_batchnorm(model, batches)
+    ref.recalibrate_batchnorm(no_dropout, batches)
+    for a, b in zip(ref.batchnorm_layers(model), ref.batchnorm_layers(no_dropout)):
+        torch.testing.assert_close(a.running_var, b.running_var)
+
+
+def test_parameter_counts_match_keras_figures():
+    """Dense(32) + BN in Keras: 128 BN weights, 64 trainable (FACTS.md); PyTorch's layer holds the same."""
+    model = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32))
+    assert ref.bn_parameter_counts(model) == (64, 64)
+    bn = model[1]
+    assert sum(p.numel() for p in bn.parameters()) == 64
+    assert sum(b.numel() for name, b in bn.named_buffers() if name != "num_batches_tracked") == 64
+    for p in bn.parameters():
+        p.requires_grad_(False)
+    assert ref.bn_parameter_counts(model) == (0, 128)
+    assert ref.bn_parameter_counts(nn.Sequential(ref.TorchBatchNorm(5, affine=False))) == (0, 10)
+
+
+# --- bad input ----------------------------------------------------------------
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: ref.BatchNorm(3).forward(np.ones((4, 2))), "expected 3 channels"),
+    (lambda: ref.BatchNorm(3).forward(np.ones((2, 3, 2, 2, 2))), r"\(N, C, H, W\)"),
+    (lambda: ref.BatchNorm(0), "positive integer"),
+    (lambda: ref.BatchNorm(3, momentum=1.5), "momentum must be in"),
+    (lambda: ref.TorchBatchNorm(3)(torch.ones(4)), "expected \\(N, C\\)"),
+    (lambda: ref.population_statistics(np.ones((3, 2)), np.ones((3, 2)), 1), ">= 2"),
+    (lambda: ref.population_statistics(np.ones((3, 2)), np.ones((2, 2)), 4), "same shape"),
+    (lambda: ref.population_statistics(np.ones(3), -np.ones(3), 4), "negative"),
+    (lambda: ref.ema_update(0.0, 1.0, 0.1, convention="tf"), "'pytorch' or 'keras'"),
+    (lambda: ref.fold_batchnorm(nn.Conv1d(2, 3, 1), nn.BatchNorm1d(3)), "nn.Linear or nn.Conv2d"),
+    (lambda: ref.fold_batchnorm(nn.Linear(2, 3), nn.BatchNorm1d(3, track_running_stats=False)), "cannot be folded"),
+    (lambda: ref.fold_batchnorm(nn.Linear(2, 3), nn.BatchNorm1d(4)), "3 outputs"),
+])
+def test_bad_input_raises_a_clear_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# --- grading: every check fails each catalogue entry with its own name -------
+
+CHECKS = {
+    "BatchNorm": grading.check_batchnorm,
+    "population_statistics": grading.check_population_statistics,
+    "TorchBatchNorm": grading.check_torch_batchnorm,
+    "fold_batchnorm": grading.check_fold_batchnorm,
+    "recalibrate_batchnorm": grading.check_recalibrate_batchnorm,
+    "bn_parameter_counts": grading.check_bn_parameter_counts,
+}
+ENTRIES = [(task, m) for task, catalogue in grading.CATALOGUE.items() for m in catalogue]
+
+
+def test_every_task_has_a_check_and_a_catalogue():
+    assert set(CHECKS) == set(grading.CATALOGUE)
+    assert all(len(c) >= 3 for c in grading.CATALOGUE.values())
+    assert all(len({m.name for m in c}) == len(c) for c in grading.CATALOGUE.values())
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the wrong code's own nan warnings
+@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
+@pytest.mark.parametrize("task, entry", ENTRIES, ids=[f"{t}: {m.name}" for t, m in ENTRIES])
+def test_check_names_each_misconception(task, entry, hidden):
+    with pytest.raises(CheckFailed) as failure:
+        CHECKS[task](entry.impl, hidden=hidden)
+    assert failure.value.misconception == entry.name
+    assert entry.name in str(failure.value) and entry.fix in str(failure.value)
+
+
+@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
+@pytest.mark.parametrize("task", CHECKS)
+def test_a_differently_written_correct_implementation_passes(task, hidden, capsys):
+    CHECKS[task](getattr(alt, task), hidden=hidden)
+    out, err = capsys.readouterr()
+    assert err == "" and "agree" in out
+
+
+@pytest.mark.parametrize("task", CHECKS)
+def test_the_reference_itself_is_refused(task):
+    with pytest.raises(CheckFailed, match="write your own"):
+        CHECKS[task](getattr(ref, task))
+
+
+class _PyTorchsOwnBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """nn.BatchNorm1d/2d's own forward, accepting 2-D, 3-D and 4-D input."""
+
+    def _check_input_dim(self, input):
+        pass
+
+
+class _NumpyViewOfPyTorch:
+    """The NumPy layer's interface on top of PyTorch's module (float64)."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+        self.bn = _PyTorchsOwnBatchNorm(num_features, eps=eps, momentum=momentum, dtype=torch.float64)
+
+    def __getattr__(self, name):
+        value = {"gamma": "weight", "beta": "bias"}.get(name, name)
+        value = getattr(self.__dict__["bn"], value)
+        return value.item() if name == "num_batches_tracked" else value.detach().numpy().copy() \
+            if torch.is_tensor(value) else value
+
+    def train(self):
+        self.bn.train()
+
+    def eval(self):
+        self.bn.eval()
+
+    def forward(self, x):
+        with torch.no_grad():
+            return self.bn(torch.as_tensor(x, dtype=torch.float64)).numpy()
+
+
+@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
+def test_pytorchs_own_modules_pass_the_layer_checks(hidden, capsys, monkeypatch):
+    """The checks' expectations are PyTorch's: its own module passes them
+    (with F.batch_norm allowed, which the check otherwise refuses)."""
+    monkeypatch.setattr(grading, "_without_builtin_batch_norm", contextlib.nullcontext)
+    grading.check_torch_batchnorm(_PyTorchsOwnBatchNorm, hidden=hidden)
+    grading.check_batchnorm(_NumpyViewOfPyTorch, hidden=hidden)
+    grading.check_fold_batchnorm(lambda layer, bn: (fuse_linear_bn_eval if isinstance(layer, nn.Linear)
+                                                    else fuse_conv_bn_eval)(copy.deepcopy(layer).eval(),
+                                                                            copy.deepcopy(bn).eval()),
+                                 hidden=hidden)
+    assert capsys.readouterr().err == ""
+
+
+def test_pytorchs_own_batch_norm_is_refused_in_torch_batchnorm():
+    """nn.BatchNorm* is the oracle, not an answer: the check refuses it and restores F.batch_norm."""
+    with pytest.raises(CheckFailed, match="compute the mean, the variance") as failure:
+        grading.check_torch_batchnorm(_PyTorchsOwnBatchNorm)
+    assert failure.value.misconception == grading.BUILTIN_BATCH_NORM
+    assert torch.nn.functional.batch_norm.__module__ == "torch.nn.functional"
+    nn.BatchNorm1d(3)(torch.randn(4, 3))
+
+
+def test_swa_update_bn_is_named_for_its_dropout():
+    """update_bn puts the whole model in training mode, Dropout included."""
+    with pytest.raises(CheckFailed) as failure:
+        grading.check_recalibrate_batchnorm(lambda model, batches: update_bn(batches, model))
+    assert failure.value.misconception == (
+        "the whole model in training mode: Dropout is active while the statistics are collected")
+
+
+def test_unknown_bug_reports_where_outputs_differ():
+    class OffByABit(alt.BatchNorm):
+        def forward(self, x):
+            return super().forward(x) * 1.01
+    with pytest.raises(CheckFailed, match=r"output: \d+ of \d+ values differ; worst at index") as failure:
+        grading.check_batchnorm(OffByABit)
+    assert failure.value.misconception is None
+
+
+def test_stub_and_crash_get_clear_messages():
+    def stub(model):
+        raise NotImplementedError()
+    with pytest.raises(CheckFailed, match="not implemented yet"):
+        grading.check_bn_parameter_counts(stub)
+    with pytest.raises(CheckFailed, match="raised ZeroDivisionError") as failure:
+        grading.check_population_statistics(lambda means, variances, m: 1 / 0)
+    assert isinstance(failure.value.__cause__, ZeroDivisionError)
+
+
+# --- the nbgrader cycle -------------------------------------------------------
+
+from nbgrader_cycle import ROOT, run_cycle  # noqa: E402
+
+BUGGY = {  # student -> patches of the model answers, and the misconception the grader must name
+    "biased_running_var": (
+        [("self.running_var = (1 - f) * self.running_var + f * var * n / (n - 1)",
+          "self.running_var = (1 - f) * self.running_var + f * var")],
+        "biased batch variance stored in running_var"),
+    "keras_momentum": (
+        [("self.running_mean.mul_(1 - momentum).add_(momentum * mean)",
+          "self.running_mean.mul_(momentum).add_((1 - momentum) * mean)"),
+         ("self.running_var.mul_(1 - momentum).add_(momentum * var * (n / (n - 1)))",
+          "self.running_var.mul_(momentum).add_((1 - momentum) * var * (n / (n - 1)))")],
+        "momentum applied to the wrong side (Keras convention in a PyTorch-convention layer)"),
+    "fold_without_eps": (
+        [("scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)", "scale = bn.weight / torch.sqrt(bn.running_var)")],
+        "the fold forgets eps"),
+    "buffers_not_counted": (
+        [("non_trainable += m.running_mean.numel() + m.running_var.numel()", "pass")],
+        "running mean and variance not counted"),
+}
+
+
+@pytest.fixture(scope="module")
+def cycle(tmp_path_factory):
+    return run_cycle(tmp_path_factory.mktemp("ch5"), "ch5_inference",
+                     {student: patches for student, (patches, _) in BUGGY.items()})
+
+
+def test_committed_release_is_in_sync_with_solutions(cycle):
+    committed = ROOT / "exercises" / "ch5_inference" / "ch5_inference.ipynb"
+    assert committed.read_text() == cycle.release.read_text(), \
+        "exercises/ is out of date: run `make exercises` and commit the result"
+
+
+def test_release_hides_solutions_and_hidden_tests(cycle):
+    text = cycle.release.read_text()
+    assert "BEGIN SOLUTION" not in text and "HIDDEN TESTS" not in text and "hidden=True" not in text
+    assert text.count("raise NotImplementedError()") >= 8
+
+
+def test_scores(cycle):
+    full = cycle.scores["solution"][1]
+    assert full == 12
+    assert cycle.scores["solution"][0] == full, cycle.log
+    assert cycle.scores["blank"][0] == 0
+    for student in BUGGY:
+        assert 0 < cycle.scores[student][0] < full, (student, cycle.scores[student])
+
+
+def test_corrupt_submission_is_reported_and_harms_no_one(cycle):
+    assert cycle.scores["corrupt"] is None or cycle.scores["corrupt"][0] == 0
+    assert "corrupt" in cycle.log
+    graded = {row["student_id"] for row in cycle.grades_csv if row["assignment"] == "ch5_inference"}
+    assert {"solution", "blank", *BUGGY} <= graded
+
+
+def test_feedback_names_the_misconception_and_hides_hidden_tests(cycle):
+    for student, (_, name) in BUGGY.items():
+        assert name in cycle.feedback[student].replace("&#39;", "'"), student
+    for student, html in cycle.feedback.items():
+        assert "HIDDEN TESTS" not in html and "hidden=True" not in html, student
+    assert "all 12 cases agree" in cycle.feedback["solution"]  # hidden checks ran and passed
