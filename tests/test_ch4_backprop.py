@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 
 SHAPES = [(2, 3), (16, 5), (64, 8), (7, 1)]
 BACKWARDS = [ref.batchnorm_backward, ref.batchnorm_backward_compact]
-TOL = {np.float64: {"rtol": 1e-10}, np.float32: {"rtol": 1e-4}}
+RTOL = {np.float64: 1e-10, np.float32: 1e-4}
 
 
 def _layer(seed, shape, dtype=np.float64):
@@ -54,10 +54,10 @@ def test_forward_matches_torch_batch_norm(shape, dtype, eps):
     x, gamma, beta, _ = _layer(sum(shape), shape, dtype)
     out, cache = ref.batchnorm_forward(x, gamma, beta, eps)
     _, out_t = _torch(x, gamma, beta, eps)
-    _close(out, out_t.detach().numpy(), TOL[dtype]["rtol"])
+    _close(out, out_t.detach().numpy(), RTOL[dtype])
     var_t, mu_t = torch.var_mean(torch.tensor(x), dim=0, unbiased=False)
-    _close(cache["mu"], mu_t.numpy(), TOL[dtype]["rtol"])
-    _close(cache["var"], var_t.numpy(), TOL[dtype]["rtol"])
+    _close(cache["mu"], mu_t.numpy(), RTOL[dtype])
+    _close(cache["var"], var_t.numpy(), RTOL[dtype])
     assert out.dtype == dtype
 
 
@@ -71,7 +71,21 @@ def test_backward_matches_autograd(backward, shape, dtype):
     grads_t = torch.autograd.grad(out_t, inputs, torch.tensor(dout))
     terms = np.abs(gamma * cache["inv_std"] * dout).max()
     for ours, theirs in zip(backward(dout, cache), grads_t):
-        _close(ours, theirs.numpy(), TOL[dtype]["rtol"], terms)
+        _close(ours, theirs.numpy(), RTOL[dtype], terms)
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_constant_feature_matches_autograd(backward):
+    """var = 0: x_hat = 0 and dx = gamma / sqrt(eps) * (dout - mean(dout)) for that feature."""
+    x, gamma, beta, dout = _layer(15, (12, 3))
+    x[:, 1] = 2.5
+    out, cache = ref.batchnorm_forward(x, gamma, beta)
+    inputs, out_t = _torch(x, gamma, beta, 1e-5)
+    _close(out, out_t.detach().numpy(), 1e-10)
+    for ours, theirs in zip(backward(dout, cache), torch.autograd.grad(out_t, inputs, torch.tensor(dout))):
+        _close(ours, theirs.numpy(), 1e-10)
+    expected = gamma[1] / np.sqrt(1e-5) * (dout[:, 1] - dout[:, 1].mean())
+    _close(backward(dout, cache)[0][:, 1], expected, 1e-10)
 
 
 class _NumpyBatchNorm(torch.autograd.Function):
@@ -343,3 +357,69 @@ def test_benchmark_runs_and_draws():
     assert "staged/compact" in bench.format_table(rows)
     fig = bench.plot(rows)
     assert len(fig.axes) == 2
+
+
+# --- the nbgrader cycle -------------------------------------------------------
+
+import nbformat  # noqa: E402
+from nbgrader_cycle import ROOT, run_cycle  # noqa: E402
+
+BUGGY = {  # student -> patches of the model answers, and the misconception the grader must name
+    "unbiased": ([("var = (x_centered ** 2).mean(axis=0)", "var = (x_centered ** 2).sum(axis=0) / (len(x) - 1)")],
+                 "unbiased (N-1) batch variance in the forward pass"),
+    "constants": ([("dx = dx_centered + dmu / n", "dx = dx_hat * inv_std")],
+                  "dx computed with mu and sigma treated as constants (dx = gamma * dout / sigma)"),
+    "loop": ([("    dx = gamma * inv_std / n * (n * dout - dbeta - x_hat * dgamma)",
+               "    dx = np.empty_like(dout)\n"
+               "    for j in range(dout.shape[1]):\n"
+               "        dx[:, j] = gamma[j] * inv_std[j] / n * (n * dout[:, j] - dbeta[j] - x_hat[:, j] * dgamma[j])")],
+             "a Python loop in the compact backward pass"),
+    "one_sided": ([("x[k] = old - h\n", "x[k] = old\n"), ("grad[k] = (plus - minus) / (2 * h)", "grad[k] = (plus - minus) / h")],
+                  "a one-sided (forward) difference"),
+}
+
+
+@pytest.fixture(scope="module")
+def cycle(tmp_path_factory):
+    return run_cycle(tmp_path_factory.mktemp("ch4"), "ch4_backprop",
+                     {student: patches for student, (patches, _) in BUGGY.items()})
+
+
+def test_committed_release_is_in_sync_with_solutions(cycle):
+    committed = ROOT / "exercises" / "ch4_backprop" / "ch4_backprop.ipynb"
+    assert committed.read_text() == cycle.release.read_text(), \
+        "exercises/ is out of date: run `make exercises` and commit the result"
+
+
+def test_release_hides_solutions_and_hidden_tests(cycle):
+    text = cycle.release.read_text()
+    assert "BEGIN SOLUTION" not in text and "HIDDEN TESTS" not in text and "hidden=True" not in text
+    assert text.count("raise NotImplementedError()") >= 5
+    forward = next(c.source for c in nbformat.reads(text, as_version=4).cells if "def batchnorm_forward" in c.source)
+    assert '"x_centered": x_centered' in forward  # the cache contract stays visible to the learner
+
+
+def test_scores(cycle):
+    full = cycle.scores["solution"][1]
+    assert full == 10
+    assert cycle.scores["solution"][0] == full, cycle.log
+    assert cycle.scores["blank"][0] == 0
+    for student in BUGGY:
+        assert 0 < cycle.scores[student][0] < full, (student, cycle.scores[student])
+    # a wrong forward pass costs only the forward test: the backward tests use the reference cache
+    assert cycle.scores["unbiased"][0] == full - 2
+
+
+def test_corrupt_submission_is_reported_and_harms_no_one(cycle):
+    assert cycle.scores["corrupt"] is None or cycle.scores["corrupt"][0] == 0
+    assert "corrupt" in cycle.log
+    graded = {row["student_id"] for row in cycle.grades_csv if row["assignment"] == "ch4_backprop"}
+    assert {"solution", "blank", *BUGGY} <= graded
+
+
+def test_feedback_names_the_misconception_and_hides_hidden_tests(cycle):
+    for student, (_, name) in BUGGY.items():
+        assert name in cycle.feedback[student].replace("&#39;", "'"), student
+    for student, html in cycle.feedback.items():
+        assert "HIDDEN TESTS" not in html and "hidden=True" not in html, student
+    assert "batchnorm_backward_compact: all 10 cases agree" in cycle.feedback["solution"]  # hidden ran

@@ -10,6 +10,9 @@ interleaved (repeat r times each variant once, in a rotating order), so that
 a change in machine load hits all of them alike; each timing is the mean of
 enough calls to last a few milliseconds (``time.perf_counter``), and the
 reported time is the median over the repeats. Ratios compare medians.
+PyTorch runs on one thread by default, like NumPy's element-wise operations,
+so that the comparison is between implementations, not core counts
+(``--torch-threads`` changes it).
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ from .. import backprop as ref
 __all__ = ["VARIANTS", "FULL", "QUICK", "run", "format_table", "plot", "main"]
 
 VARIANTS = ("staged backward", "compact backward", "NumPy forward+backward", "PyTorch forward+backward")
-FULL = {"shapes": [(64, 256), (512, 512), (4096, 1024)], "dtypes": ("float32", "float64"), "repeats": 15}
-QUICK = {"shapes": [(64, 256), (512, 512), (4096, 1024)], "dtypes": ("float32", "float64"), "repeats": 5}
+FULL = {"shapes": [(64, 256), (512, 512), (4096, 1024)], "dtypes": ("float32", "float64"), "repeats": 21}
+QUICK = {"shapes": [(64, 256), (512, 512), (4096, 1024)], "dtypes": ("float32", "float64"), "repeats": 9}
 
-_MIN_SECONDS = 3e-3  # each timing averages enough calls to last at least this long
+_MIN_SECONDS = 5e-3  # each timing averages enough calls to last at least this long
 
 
 def _variants(n: int, d: int, dtype: str, seed: int):
@@ -79,24 +82,32 @@ def _median_times(fns: dict, repeats: int) -> dict:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def run(shapes=FULL["shapes"], dtypes=FULL["dtypes"], repeats: int = FULL["repeats"], seed: int = 0) -> list[dict]:
+def run(shapes=FULL["shapes"], dtypes=FULL["dtypes"], repeats: int = FULL["repeats"], seed: int = 0,
+        torch_threads: int = 1) -> list[dict]:
     """Time the four ``VARIANTS`` on every (N, D) in ``shapes`` and dtype in ``dtypes``.
 
-    Returns one dict per (shape, dtype): ``n``, ``d``, ``dtype``, ``seconds``
-    ({variant: median seconds per call}), ``staged/compact`` and
-    ``PyTorch/NumPy`` (ratios of medians; above 1 means the second is faster).
+    PyTorch uses ``torch_threads`` intra-op threads (0: its default); the
+    setting is restored afterwards. Returns one dict per (shape, dtype): ``n``,
+    ``d``, ``dtype``, ``torch_threads``, ``seconds`` ({variant: median seconds
+    per call}), ``staged/compact`` and ``PyTorch/NumPy`` (ratios of medians;
+    above 1 means the second is faster).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}.")
-    rows = []
-    for n, d in shapes:
-        for dtype in dtypes:
-            seconds = _median_times(_variants(n, d, dtype, seed), repeats)
-            rows.append({
-                "n": n, "d": d, "dtype": dtype, "seconds": seconds,
-                "staged/compact": seconds["staged backward"] / seconds["compact backward"],
-                "PyTorch/NumPy": seconds["PyTorch forward+backward"] / seconds["NumPy forward+backward"],
-            })
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(torch_threads or default_threads)
+    try:
+        rows = []
+        for n, d in shapes:
+            for dtype in dtypes:
+                seconds = _median_times(_variants(n, d, dtype, seed), repeats)
+                rows.append({
+                    "n": n, "d": d, "dtype": dtype, "torch_threads": torch.get_num_threads(), "seconds": seconds,
+                    "staged/compact": seconds["staged backward"] / seconds["compact backward"],
+                    "PyTorch/NumPy": seconds["PyTorch forward+backward"] / seconds["NumPy forward+backward"],
+                })
+    finally:
+        torch.set_num_threads(default_threads)
     return rows
 
 
@@ -110,9 +121,10 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
 
 
-def _environment() -> str:
-    return (f"NumPy {np.__version__}, PyTorch {torch.__version__} "
-            f"({torch.get_num_threads()} intra-op threads), {platform.machine()}")
+def _environment(rows: list[dict]) -> str:
+    threads = sorted({r["torch_threads"] for r in rows})
+    return (f"NumPy {np.__version__}, PyTorch {torch.__version__} on {'/'.join(map(str, threads))} "
+            f"thread{'s' if threads != [1] else ''}, {platform.machine()}")
 
 
 def plot(rows: list[dict]):
@@ -139,7 +151,7 @@ def plot(rows: list[dict]):
         ax.set_title(titles[key])
         ax.margins(y=0.15)
     axes[0].legend(title="dtype", fontsize=8)
-    fig.suptitle(f"above 1: the second variant is faster ({_environment()})", fontsize=9)
+    fig.suptitle(f"above 1: the second variant is faster ({_environment(rows)})", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -147,10 +159,12 @@ def plot(rows: list[dict]):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the book's smaller setting (fewer repeats)")
+    parser.add_argument("--torch-threads", type=int, default=1, help="PyTorch intra-op threads (0: its default)")
     args = parser.parse_args(argv)
     setting = QUICK if args.quick else FULL
-    print(f"Batch-norm backward benchmark, median of {setting['repeats']} interleaved repeats; {_environment()}")
-    print(format_table(run(**setting)))
+    rows = run(**setting, torch_threads=args.torch_threads)
+    print(f"Batch-norm backward benchmark, median of {setting['repeats']} interleaved repeats; {_environment(rows)}")
+    print(format_table(rows))
     print("A ratio above 1 means the second variant named is faster.")
 
 

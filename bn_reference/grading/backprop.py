@@ -328,6 +328,7 @@ def check_batchnorm_backward(batchnorm_backward, hidden=False):
     _check_backward("batchnorm_backward", batchnorm_backward, ref.batchnorm_backward, hidden)
 
 
+LOOP_MISCONCEPTION = "a Python loop in the compact backward pass"
 _LOOP_NODES = (ast.For, ast.AsyncFor, ast.While, ast.comprehension)
 _LOOP_BUILTINS = {"sum", "map", "range"}  # Python's sum(dout) loops over the rows
 
@@ -354,9 +355,11 @@ def check_batchnorm_backward_compact(batchnorm_backward_compact, hidden=False):
     loop = _python_loop(batchnorm_backward_compact)
     if loop is not None:
         raise CheckFailed(
-            f"batchnorm_backward_compact uses {loop}: write the closed form with whole-array NumPy "
-            f"operations (dout.sum(axis=0), broadcasting) and no loop over examples or features.",
-            misconception="a Python loop in the compact backward pass")
+            f"batchnorm_backward_compact is not in closed form: its code uses {loop}.\n"
+            f"  Your code matches a known mistake: {LOOP_MISCONCEPTION}.\n"
+            f"  How to fix it: write the closed form with whole-array NumPy operations "
+            f"(dout.sum(axis=0), broadcasting), with no loop over examples or features.",
+            misconception=LOOP_MISCONCEPTION)
     _check_backward("batchnorm_backward_compact", batchnorm_backward_compact, ref.batchnorm_backward_compact, hidden)
 
 
