@@ -10,6 +10,7 @@ import sklearn.preprocessing
 import torch
 
 import alt_ch1_feature_scaling as alt
+from chapter_suite import CatalogueSuite, CycleSuite
 from bn_reference import feature_scaling as ref
 from bn_reference.grading import CheckFailed
 from bn_reference.grading import feature_scaling as grading
@@ -148,44 +149,18 @@ def test_scaling_lowers_the_condition_number():
 
 # --- grading: every check fails each catalogue entry with its own name -------
 
-CHECKS = {
-    "MinMaxScaler": grading.check_min_max_scaler,
-    "StandardScaler": grading.check_standard_scaler,
-    "mse_gradient": grading.check_mse_gradient,
-    "gradient_descent": grading.check_gradient_descent,
-    "steps_to_tolerance": grading.check_steps_to_tolerance,
-    "hessian_condition_number": grading.check_hessian_condition_number,
-}
-ENTRIES = [(task, m) for task, catalogue in grading.CATALOGUE.items() for m in catalogue]
-
-
-def test_every_task_has_a_check_and_a_catalogue():
-    assert set(CHECKS) == set(grading.CATALOGUE)
-    assert all(len(c) >= 2 for c in grading.CATALOGUE.values())
-
-
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the wrong code's own nan warnings
-@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
-@pytest.mark.parametrize("task, entry", ENTRIES, ids=[f"{t}: {m.name}" for t, m in ENTRIES])
-def test_check_names_each_misconception(task, entry, hidden):
-    with pytest.raises(CheckFailed) as failure:
-        CHECKS[task](entry.impl, hidden=hidden)
-    assert failure.value.misconception == entry.name
-    assert entry.name in str(failure.value) and entry.fix in str(failure.value)
-
-
-@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
-@pytest.mark.parametrize("task", CHECKS)
-def test_a_differently_written_correct_implementation_passes(task, hidden, capsys):
-    CHECKS[task](getattr(alt, task), hidden=hidden)
-    out, err = capsys.readouterr()
-    assert err == "" and "agree" in out
-
-
-@pytest.mark.parametrize("task", CHECKS)
-def test_the_reference_itself_is_refused(task):
-    with pytest.raises(CheckFailed, match="write your own"):
-        CHECKS[task](getattr(ref, task))
+class TestGrading(CatalogueSuite):
+    checks = {
+        "MinMaxScaler": grading.check_min_max_scaler,
+        "StandardScaler": grading.check_standard_scaler,
+        "mse_gradient": grading.check_mse_gradient,
+        "gradient_descent": grading.check_gradient_descent,
+        "steps_to_tolerance": grading.check_steps_to_tolerance,
+        "hessian_condition_number": grading.check_hessian_condition_number,
+    }
+    catalogue = grading.CATALOGUE
+    alt = alt
+    reference = ref
 
 
 def test_unknown_bug_reports_where_outputs_differ():
@@ -209,56 +184,16 @@ def test_stub_and_crash_get_clear_messages():
 
 # --- the nbgrader cycle -------------------------------------------------------
 
-from nbgrader_cycle import ROOT, run_cycle  # noqa: E402
-
-BUGGY = {  # student -> patches of the model answers, and the misconception the grader must name
-    "ddof": ([("std = X.std(axis=0)", "std = X.std(axis=0, ddof=1)")],
-             "sample standard deviation (ddof=1) instead of the population one"),
-    "no_range": ([("return a + (b - a) * (np.asarray(X, dtype=float) - self.data_min_) / self.data_range_",
-                   "return (np.asarray(X, dtype=float) - self.data_min_) / self.data_range_")],
-                 "min-max ignores feature_range"),
-    "no_two": ([("return 2 / n * X.T @ r, 2 / n * r.sum()", "return 1 / n * X.T @ r, 1 / n * r.sum()")],
-               "the factor 2 is missing"),
-}
-
-
-@pytest.fixture(scope="module")
-def cycle(tmp_path_factory):
-    return run_cycle(tmp_path_factory.mktemp("ch1"), "ch1_feature_scaling",
-                     {student: patches for student, (patches, _) in BUGGY.items()})
-
-
-def test_committed_release_is_in_sync_with_solutions(cycle):
-    committed = ROOT / "exercises" / "ch1_feature_scaling" / "ch1_feature_scaling.ipynb"
-    assert committed.read_text() == cycle.release.read_text(), \
-        "exercises/ is out of date: run `make exercises` and commit the result"
-
-
-def test_release_hides_solutions_and_hidden_tests(cycle):
-    text = cycle.release.read_text()
-    assert "BEGIN SOLUTION" not in text and "HIDDEN TESTS" not in text and "hidden=True" not in text
-    assert text.count("raise NotImplementedError()") >= 6
-
-
-def test_scores(cycle):
-    full = cycle.scores["solution"][1]
-    assert full == 10
-    assert cycle.scores["solution"][0] == full, cycle.log
-    assert cycle.scores["blank"][0] == 0
-    for student in BUGGY:
-        assert 0 < cycle.scores[student][0] < full, (student, cycle.scores[student])
-
-
-def test_corrupt_submission_is_reported_and_harms_no_one(cycle):
-    assert cycle.scores["corrupt"] is None or cycle.scores["corrupt"][0] == 0
-    assert "corrupt" in cycle.log
-    graded = {row["student_id"] for row in cycle.grades_csv if row["assignment"] == "ch1_feature_scaling"}
-    assert {"solution", "blank", *BUGGY} <= graded
-
-
-def test_feedback_names_the_misconception_and_hides_hidden_tests(cycle):
-    for student, (_, name) in BUGGY.items():
-        assert name in cycle.feedback[student].replace("&#39;", "'"), student
-    for student, html in cycle.feedback.items():
-        assert "HIDDEN TESTS" not in html and "hidden=True" not in html, student
-    assert "all 7 cases agree" in cycle.feedback["solution"]  # hidden checks ran and passed
+class TestNbgraderCycle(CycleSuite):
+    slug = "ch1_feature_scaling"
+    full_score = 10
+    stubs = 6
+    buggy = {  # student -> patches of the model answers, and the misconception the grader must name
+        "ddof": ([("std = X.std(axis=0)", "std = X.std(axis=0, ddof=1)")],
+                 "sample standard deviation (ddof=1) instead of the population one"),
+        "no_range": ([("return a + (b - a) * (np.asarray(X, dtype=float) - self.data_min_) / self.data_range_",
+                       "return (np.asarray(X, dtype=float) - self.data_min_) / self.data_range_")],
+                     "min-max ignores feature_range"),
+        "no_two": ([("return 2 / n * X.T @ r, 2 / n * r.sum()", "return 1 / n * X.T @ r, 1 / n * r.sum()")],
+                   "the factor 2 is missing"),
+    }

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import alt_ch4_backprop as alt
+import nbformat
+from chapter_suite import CatalogueSuite, CycleSuite
 from bn_reference import backprop as ref
 from bn_reference.benchmarks import backprop as bench
 from bn_reference.grading import CheckFailed
@@ -234,38 +236,20 @@ def test_bad_input_is_rejected_clearly(call, message):
 
 # --- grading: every check fails each catalogue entry with its own name -------
 
-CHECKS = {
-    "batchnorm_forward": grading.check_batchnorm_forward,
-    "batchnorm_backward": grading.check_batchnorm_backward,
-    "batchnorm_backward_compact": grading.check_batchnorm_backward_compact,
-    "numerical_gradient": grading.check_numerical_gradient,
-    "rel_error": grading.check_rel_error,
-}
-ENTRIES = [(task, m) for task, catalogue in grading.CATALOGUE.items() for m in catalogue]
+class TestGrading(CatalogueSuite):
+    checks = {
+        "batchnorm_forward": grading.check_batchnorm_forward,
+        "batchnorm_backward": grading.check_batchnorm_backward,
+        "batchnorm_backward_compact": grading.check_batchnorm_backward_compact,
+        "numerical_gradient": grading.check_numerical_gradient,
+        "rel_error": grading.check_rel_error,
+    }
+    catalogue = grading.CATALOGUE
+    alt = alt
+    reference = ref
 
 
-def test_every_task_has_a_check_and_a_catalogue():
-    assert set(CHECKS) == set(grading.CATALOGUE)
-    assert all(len(c) >= 2 for c in grading.CATALOGUE.values())
-    assert all(len({m.name for m in c}) == len(c) for c in grading.CATALOGUE.values())
-
-
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the wrong code's own nan warnings
-@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
-@pytest.mark.parametrize("task, entry", ENTRIES, ids=[f"{t}: {m.name}" for t, m in ENTRIES])
-def test_check_names_each_misconception(task, entry, hidden):
-    with pytest.raises(CheckFailed) as failure:
-        CHECKS[task](entry.impl, hidden=hidden)
-    assert failure.value.misconception == entry.name
-    assert entry.name in str(failure.value) and entry.fix in str(failure.value)
-
-
-@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
-@pytest.mark.parametrize("task", CHECKS)
-def test_a_differently_written_correct_implementation_passes(task, hidden, capsys):
-    CHECKS[task](getattr(alt, task), hidden=hidden)
-    out, err = capsys.readouterr()
-    assert err == "" and "agree" in out
+CHECKS = TestGrading.checks
 
 
 @pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
@@ -275,12 +259,6 @@ def test_the_reference_behind_a_wrapper_passes(task, hidden, capsys):
     CHECKS[task](lambda *args: fn(*args), hidden=hidden)
     out, err = capsys.readouterr()
     assert err == "" and "agree" in out
-
-
-@pytest.mark.parametrize("task", CHECKS)
-def test_the_reference_itself_is_refused(task):
-    with pytest.raises(CheckFailed, match=f"write your own {task} in"):
-        CHECKS[task](getattr(ref, task))
 
 
 def test_the_learners_own_cache_feeds_the_learners_backward():
@@ -361,65 +339,29 @@ def test_benchmark_runs_and_draws():
 
 # --- the nbgrader cycle -------------------------------------------------------
 
-import nbformat  # noqa: E402
-from nbgrader_cycle import ROOT, run_cycle  # noqa: E402
+class TestNbgraderCycle(CycleSuite):
+    slug = "ch4_backprop"
+    full_score = 10
+    stubs = 5
+    buggy = {  # student -> patches of the model answers, and the misconception the grader must name
+        "unbiased": ([("var = (x_centered ** 2).mean(axis=0)", "var = (x_centered ** 2).sum(axis=0) / (len(x) - 1)")],
+                     "unbiased (N-1) batch variance in the forward pass"),
+        "constants": ([("dx = dx_centered + dmu / n", "dx = dx_hat * inv_std")],
+                      "dx computed with mu and sigma treated as constants (dx = gamma * dout / sigma)"),
+        "loop": ([("    dx = gamma * inv_std / n * (n * dout - dbeta - x_hat * dgamma)",
+                   "    dx = np.empty_like(dout)\n"
+                   "    for j in range(dout.shape[1]):\n"
+                   "        dx[:, j] = gamma[j] * inv_std[j] / n * (n * dout[:, j] - dbeta[j] - x_hat[:, j] * dgamma[j])")],
+                 "a Python loop in the compact backward pass"),
+        "one_sided": ([("x[k] = old - h\n", "x[k] = old\n"), ("grad[k] = (plus - minus) / (2 * h)", "grad[k] = (plus - minus) / h")],
+                      "a one-sided (forward) difference"),
+    }
 
-BUGGY = {  # student -> patches of the model answers, and the misconception the grader must name
-    "unbiased": ([("var = (x_centered ** 2).mean(axis=0)", "var = (x_centered ** 2).sum(axis=0) / (len(x) - 1)")],
-                 "unbiased (N-1) batch variance in the forward pass"),
-    "constants": ([("dx = dx_centered + dmu / n", "dx = dx_hat * inv_std")],
-                  "dx computed with mu and sigma treated as constants (dx = gamma * dout / sigma)"),
-    "loop": ([("    dx = gamma * inv_std / n * (n * dout - dbeta - x_hat * dgamma)",
-               "    dx = np.empty_like(dout)\n"
-               "    for j in range(dout.shape[1]):\n"
-               "        dx[:, j] = gamma[j] * inv_std[j] / n * (n * dout[:, j] - dbeta[j] - x_hat[:, j] * dgamma[j])")],
-             "a Python loop in the compact backward pass"),
-    "one_sided": ([("x[k] = old - h\n", "x[k] = old\n"), ("grad[k] = (plus - minus) / (2 * h)", "grad[k] = (plus - minus) / h")],
-                  "a one-sided (forward) difference"),
-}
+    def test_the_cache_contract_stays_visible_to_the_learner(self, cycle):
+        cells = nbformat.read(cycle.release, as_version=4).cells
+        forward = next(c.source for c in cells if "def batchnorm_forward" in c.source)
+        assert '"x_centered": x_centered' in forward
 
-
-@pytest.fixture(scope="module")
-def cycle(tmp_path_factory):
-    return run_cycle(tmp_path_factory.mktemp("ch4"), "ch4_backprop",
-                     {student: patches for student, (patches, _) in BUGGY.items()})
-
-
-def test_committed_release_is_in_sync_with_solutions(cycle):
-    committed = ROOT / "exercises" / "ch4_backprop" / "ch4_backprop.ipynb"
-    assert committed.read_text() == cycle.release.read_text(), \
-        "exercises/ is out of date: run `make exercises` and commit the result"
-
-
-def test_release_hides_solutions_and_hidden_tests(cycle):
-    text = cycle.release.read_text()
-    assert "BEGIN SOLUTION" not in text and "HIDDEN TESTS" not in text and "hidden=True" not in text
-    assert text.count("raise NotImplementedError()") >= 5
-    forward = next(c.source for c in nbformat.reads(text, as_version=4).cells if "def batchnorm_forward" in c.source)
-    assert '"x_centered": x_centered' in forward  # the cache contract stays visible to the learner
-
-
-def test_scores(cycle):
-    full = cycle.scores["solution"][1]
-    assert full == 10
-    assert cycle.scores["solution"][0] == full, cycle.log
-    assert cycle.scores["blank"][0] == 0
-    for student in BUGGY:
-        assert 0 < cycle.scores[student][0] < full, (student, cycle.scores[student])
-    # a wrong forward pass costs only the forward test: the backward tests use the reference cache
-    assert cycle.scores["unbiased"][0] == full - 2
-
-
-def test_corrupt_submission_is_reported_and_harms_no_one(cycle):
-    assert cycle.scores["corrupt"] is None or cycle.scores["corrupt"][0] == 0
-    assert "corrupt" in cycle.log
-    graded = {row["student_id"] for row in cycle.grades_csv if row["assignment"] == "ch4_backprop"}
-    assert {"solution", "blank", *BUGGY} <= graded
-
-
-def test_feedback_names_the_misconception_and_hides_hidden_tests(cycle):
-    for student, (_, name) in BUGGY.items():
-        assert name in cycle.feedback[student].replace("&#39;", "'"), student
-    for student, html in cycle.feedback.items():
-        assert "HIDDEN TESTS" not in html and "hidden=True" not in html, student
-    assert "batchnorm_backward_compact: all 10 cases agree" in cycle.feedback["solution"]  # hidden ran
+    def test_a_wrong_forward_costs_only_the_forward_test(self, cycle):
+        """The backward tests use the reference cache, so the error is not counted twice."""
+        assert cycle.scores["unbiased"][0] == self.full_score - 2

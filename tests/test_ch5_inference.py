@@ -14,6 +14,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from torch.optim.swa_utils import update_bn
 
 import alt_ch5_inference as alt
+from chapter_suite import CatalogueSuite, CycleSuite
 from bn_reference import inference as ref
 from bn_reference.grading import CheckFailed
 from bn_reference.grading import inference as grading
@@ -300,45 +301,19 @@ def test_bad_input_raises_a_clear_value_error(call, message):
 
 # --- grading: every check fails each catalogue entry with its own name -------
 
-CHECKS = {
-    "BatchNorm": grading.check_batchnorm,
-    "population_statistics": grading.check_population_statistics,
-    "TorchBatchNorm": grading.check_torch_batchnorm,
-    "fold_batchnorm": grading.check_fold_batchnorm,
-    "recalibrate_batchnorm": grading.check_recalibrate_batchnorm,
-    "bn_parameter_counts": grading.check_bn_parameter_counts,
-}
-ENTRIES = [(task, m) for task, catalogue in grading.CATALOGUE.items() for m in catalogue]
+class TestGrading(CatalogueSuite):
+    checks = {
+        "BatchNorm": grading.check_batchnorm,
+        "population_statistics": grading.check_population_statistics,
+        "TorchBatchNorm": grading.check_torch_batchnorm,
+        "fold_batchnorm": grading.check_fold_batchnorm,
+        "recalibrate_batchnorm": grading.check_recalibrate_batchnorm,
+        "bn_parameter_counts": grading.check_bn_parameter_counts,
+    }
+    catalogue = grading.CATALOGUE
+    alt = alt
+    reference = ref
 
-
-def test_every_task_has_a_check_and_a_catalogue():
-    assert set(CHECKS) == set(grading.CATALOGUE)
-    assert all(len(c) >= 3 for c in grading.CATALOGUE.values())
-    assert all(len({m.name for m in c}) == len(c) for c in grading.CATALOGUE.values())
-
-
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the wrong code's own nan warnings
-@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
-@pytest.mark.parametrize("task, entry", ENTRIES, ids=[f"{t}: {m.name}" for t, m in ENTRIES])
-def test_check_names_each_misconception(task, entry, hidden):
-    with pytest.raises(CheckFailed) as failure:
-        CHECKS[task](entry.impl, hidden=hidden)
-    assert failure.value.misconception == entry.name
-    assert entry.name in str(failure.value) and entry.fix in str(failure.value)
-
-
-@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
-@pytest.mark.parametrize("task", CHECKS)
-def test_a_differently_written_correct_implementation_passes(task, hidden, capsys):
-    CHECKS[task](getattr(alt, task), hidden=hidden)
-    out, err = capsys.readouterr()
-    assert err == "" and "agree" in out
-
-
-@pytest.mark.parametrize("task", CHECKS)
-def test_the_reference_itself_is_refused(task):
-    with pytest.raises(CheckFailed, match="write your own"):
-        CHECKS[task](getattr(ref, task))
 
 
 class _PyTorchsOwnBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -423,65 +398,25 @@ def test_stub_and_crash_get_clear_messages():
 
 # --- the nbgrader cycle -------------------------------------------------------
 
-from nbgrader_cycle import ROOT, run_cycle  # noqa: E402
-
-BUGGY = {  # student -> patches of the model answers, and the misconception the grader must name
-    "biased_running_var": (
-        [("self.running_var = (1 - f) * self.running_var + f * var * n / (n - 1)",
-          "self.running_var = (1 - f) * self.running_var + f * var")],
-        "biased batch variance stored in running_var"),
-    "keras_momentum": (
-        [("self.running_mean.mul_(1 - momentum).add_(momentum * mean)",
-          "self.running_mean.mul_(momentum).add_((1 - momentum) * mean)"),
-         ("self.running_var.mul_(1 - momentum).add_(momentum * var * (n / (n - 1)))",
-          "self.running_var.mul_(momentum).add_((1 - momentum) * var * (n / (n - 1)))")],
-        "momentum applied to the wrong side (Keras convention in a PyTorch-convention layer)"),
-    "fold_without_eps": (
-        [("scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)", "scale = bn.weight / torch.sqrt(bn.running_var)")],
-        "the fold forgets eps"),
-    "buffers_not_counted": (
-        [("non_trainable += m.running_mean.numel() + m.running_var.numel()", "pass")],
-        "running mean and variance not counted"),
-}
-
-
-@pytest.fixture(scope="module")
-def cycle(tmp_path_factory):
-    return run_cycle(tmp_path_factory.mktemp("ch5"), "ch5_inference",
-                     {student: patches for student, (patches, _) in BUGGY.items()})
-
-
-def test_committed_release_is_in_sync_with_solutions(cycle):
-    committed = ROOT / "exercises" / "ch5_inference" / "ch5_inference.ipynb"
-    assert committed.read_text() == cycle.release.read_text(), \
-        "exercises/ is out of date: run `make exercises` and commit the result"
-
-
-def test_release_hides_solutions_and_hidden_tests(cycle):
-    text = cycle.release.read_text()
-    assert "BEGIN SOLUTION" not in text and "HIDDEN TESTS" not in text and "hidden=True" not in text
-    assert text.count("raise NotImplementedError()") >= 8
-
-
-def test_scores(cycle):
-    full = cycle.scores["solution"][1]
-    assert full == 12
-    assert cycle.scores["solution"][0] == full, cycle.log
-    assert cycle.scores["blank"][0] == 0
-    for student in BUGGY:
-        assert 0 < cycle.scores[student][0] < full, (student, cycle.scores[student])
-
-
-def test_corrupt_submission_is_reported_and_harms_no_one(cycle):
-    assert cycle.scores["corrupt"] is None or cycle.scores["corrupt"][0] == 0
-    assert "corrupt" in cycle.log
-    graded = {row["student_id"] for row in cycle.grades_csv if row["assignment"] == "ch5_inference"}
-    assert {"solution", "blank", *BUGGY} <= graded
-
-
-def test_feedback_names_the_misconception_and_hides_hidden_tests(cycle):
-    for student, (_, name) in BUGGY.items():
-        assert name in cycle.feedback[student].replace("&#39;", "'"), student
-    for student, html in cycle.feedback.items():
-        assert "HIDDEN TESTS" not in html and "hidden=True" not in html, student
-    assert "all 12 cases agree" in cycle.feedback["solution"]  # hidden checks ran and passed
+class TestNbgraderCycle(CycleSuite):
+    slug = "ch5_inference"
+    full_score = 12
+    stubs = 8
+    buggy = {  # student -> patches of the model answers, and the misconception the grader must name
+        "biased_running_var": (
+            [("self.running_var = (1 - f) * self.running_var + f * var * n / (n - 1)",
+              "self.running_var = (1 - f) * self.running_var + f * var")],
+            "biased batch variance stored in running_var"),
+        "keras_momentum": (
+            [("self.running_mean.mul_(1 - momentum).add_(momentum * mean)",
+              "self.running_mean.mul_(momentum).add_((1 - momentum) * mean)"),
+             ("self.running_var.mul_(1 - momentum).add_(momentum * var * (n / (n - 1)))",
+              "self.running_var.mul_(momentum).add_((1 - momentum) * var * (n / (n - 1)))")],
+            "momentum applied to the wrong side (Keras convention in a PyTorch-convention layer)"),
+        "fold_without_eps": (
+            [("scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)", "scale = bn.weight / torch.sqrt(bn.running_var)")],
+            "the fold forgets eps"),
+        "buffers_not_counted": (
+            [("non_trainable += m.running_mean.numel() + m.running_var.numel()", "pass")],
+            "running mean and variance not counted"),
+    }

@@ -7,7 +7,6 @@ must run.
 
 import functools
 import http.server
-import json
 import os
 import shutil
 import threading

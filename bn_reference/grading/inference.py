@@ -420,7 +420,6 @@ _FLOAT32_TOL = {"rtol": 1e-4, "atol": 1e-4}
 def _layer_cases(hidden: bool, torch_layer: bool):
     """Seeded train/eval sequences for the NumPy and the PyTorch layer."""
     rng = np.random.default_rng(1000 if hidden else 0)
-    f64 = {"dtype": torch.float64} if torch_layer else {}
 
     def case(label, shape_modes, kwargs=None, record="all", dtype=np.float64, **extra):
         kw = dict(kwargs or {})

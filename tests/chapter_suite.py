@@ -1,0 +1,108 @@
+"""The tests every chapter runs, written once.
+
+A chapter's test file subclasses these with its own settings:
+
+    class TestGrading(CatalogueSuite):   # the checks and their misconception catalogue
+        checks = {...}; catalogue = grading.CATALOGUE; alt = alt_chN_slug; reference = ref
+
+    class TestNbgraderCycle(CycleSuite): # release, submit, autograde, feedback, export
+        slug = "chN_slug"; buggy = {...}; full_score = 10; stubs = 6
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bn_reference.grading import CheckFailed
+from nbgrader_cycle import ROOT, run_cycle
+
+
+class CatalogueSuite:
+    """Every catalogue entry fails its check with its own name (visible and hidden
+    cases); a second, differently written correct implementation passes; the
+    reference object itself is refused."""
+
+    checks: dict       # task -> check function
+    catalogue: dict    # task -> [Misconception, ...]
+    alt: object        # module with the differently written correct implementation
+    reference: object  # the bn_reference module of the chapter
+    min_entries = 2
+
+    def pytest_generate_tests(self, metafunc):
+        if "entry" in metafunc.fixturenames:
+            entries = [(task, m) for task, c in self.catalogue.items() for m in c]
+            metafunc.parametrize("task, entry", entries, ids=[f"{t}: {m.name}" for t, m in entries])
+        elif "task" in metafunc.fixturenames:
+            metafunc.parametrize("task", list(self.checks))
+        if "hidden" in metafunc.fixturenames:
+            metafunc.parametrize("hidden", [False, True], ids=["visible", "hidden"])
+
+    def test_every_task_has_a_check_and_a_catalogue(self):
+        assert set(self.checks) == set(self.catalogue)
+        assert all(len(c) >= self.min_entries for c in self.catalogue.values())
+        assert all(len({m.name for m in c}) == len(c) for c in self.catalogue.values())
+
+    @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the wrong code's own nan warnings
+    def test_check_names_each_misconception(self, task, entry, hidden):
+        with pytest.raises(CheckFailed) as failure:
+            self.checks[task](entry.impl, hidden=hidden)
+        assert failure.value.misconception == entry.name
+        assert entry.name in str(failure.value) and entry.fix in str(failure.value)
+
+    def test_a_differently_written_correct_implementation_passes(self, task, hidden, capsys):
+        self.checks[task](getattr(self.alt, task), hidden=hidden)
+        out, err = capsys.readouterr()
+        assert err == "" and "agree" in out
+
+    def test_the_reference_itself_is_refused(self, task):
+        with pytest.raises(CheckFailed, match=f"write your own {task} in"):
+            self.checks[task](getattr(self.reference, task))
+
+
+class CycleSuite:
+    """The nbgrader cycle on the chapter's exercise: the committed release is what
+    generate_assignment makes; the model answers score full marks, the untouched
+    release 0, each buggy submission strictly in between with its misconception
+    named in its feedback; a corrupt notebook harms no one; feedback hides the
+    hidden tests."""
+
+    slug: str
+    buggy: dict        # student -> ([(old, new), ...] patches of the model answers, misconception name)
+    full_score: int    # autograded points of the notebook
+    stubs: int         # the least number of `raise NotImplementedError()` stubs in the release
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def cycle(cls, tmp_path_factory):
+        return run_cycle(tmp_path_factory.mktemp(cls.slug), cls.slug,
+                         {student: patches for student, (patches, _) in cls.buggy.items()})
+
+    def test_committed_release_is_in_sync_with_solutions(self, cycle):
+        committed = ROOT / "exercises" / self.slug / f"{self.slug}.ipynb"
+        assert committed.read_text() == cycle.release.read_text(), \
+            "exercises/ is out of date: run `make exercises` and commit the result"
+
+    def test_release_hides_solutions_and_hidden_tests(self, cycle):
+        text = cycle.release.read_text()
+        assert "BEGIN SOLUTION" not in text and "HIDDEN TESTS" not in text and "hidden=True" not in text
+        assert text.count("raise NotImplementedError()") >= self.stubs
+
+    def test_scores(self, cycle):
+        assert cycle.scores["solution"] == (self.full_score, self.full_score), cycle.log
+        assert cycle.scores["blank"] == (0, self.full_score)
+        for student in self.buggy:
+            assert 0 < cycle.scores[student][0] < self.full_score, (student, cycle.scores[student])
+
+    def test_corrupt_submission_is_reported_and_harms_no_one(self, cycle):
+        assert cycle.scores["corrupt"] is None or cycle.scores["corrupt"][0] == 0
+        assert "Notebook does not appear to be JSON" in cycle.log
+        graded = {row["student_id"] for row in cycle.grades_csv if row["assignment"] == self.slug}
+        assert {"solution", "blank", *self.buggy} <= graded
+
+    def test_feedback_names_the_misconception_and_hides_hidden_tests(self, cycle):
+        for student, (_, name) in self.buggy.items():
+            assert name in cycle.feedback[student].replace("&#39;", "'"), student
+        for student, html in cycle.feedback.items():
+            assert "HIDDEN TESTS" not in html and "hidden=True" not in html, student
+        solution = cycle.feedback["solution"]
+        assert "CheckFailed" not in solution and solution.count("cases agree") >= 2 * len(self.buggy)
