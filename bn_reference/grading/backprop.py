@@ -26,7 +26,7 @@ from functools import partial
 import numpy as np
 
 from .. import backprop as ref
-from . import Case, CheckFailed, Misconception, run_check
+from . import Case, CheckFailed, Misconception, run_check, report_pass
 
 __all__ = [
     "check_batchnorm_forward",
@@ -280,10 +280,6 @@ def _run_forward_cache(fn, case):
     return {"cache": {k: cache[k] for k in ref.CACHE_KEYS}}
 
 
-def _report(task, n):
-    print(f"{task}: all {n} cases agree with the reference.")
-
-
 def check_batchnorm_forward(batchnorm_forward, hidden=False):
     """Check batchnorm_forward(x, gamma, beta, eps=1e-5) -> (out, cache): first out,
     then the cache's keys and values (``bn_reference.backprop.CACHE_KEYS``)."""
@@ -291,7 +287,7 @@ def check_batchnorm_forward(batchnorm_forward, hidden=False):
     cases = _bn_cases(hidden)
     run_check("batchnorm_forward", batchnorm_forward, ref.batchnorm_forward, cases,
               _run_forward_out, FORWARD_CATALOGUE)
-    _report("batchnorm_forward", run_check("batchnorm_forward's cache", batchnorm_forward,
+    report_pass("batchnorm_forward", run_check("batchnorm_forward's cache", batchnorm_forward,
                                            ref.batchnorm_forward, cases, _run_forward_cache))
 
 
@@ -319,7 +315,7 @@ def _check_backward(task, student, reference, hidden):
     for output in ("dbeta", "dgamma", "dx"):
         n = run_check(f"{task}'s {output}", student, reference, cases,
                       partial(_run_backward, output=output), BACKWARD_CATALOGUE)
-    _report(task, n)
+    report_pass(task, n)
 
 
 def check_batchnorm_backward(batchnorm_backward, hidden=False):
@@ -409,7 +405,7 @@ def check_numerical_gradient(numerical_gradient, hidden=False):
     """Check numerical_gradient(f, x, dout, h) on smooth functions (BN forward, tanh)."""
     __tracebackhide__ = True
     # rounding in L(x +- h) is ~1e-16 / h: 1e-8 absolute leaves room for any correct summation order
-    _report("numerical_gradient", run_check(
+    report_pass("numerical_gradient", run_check(
         "numerical_gradient", numerical_gradient, ref.numerical_gradient, _numgrad_cases(hidden),
         _run_numgrad, NUMERICAL_GRADIENT_CATALOGUE, rtol=1e-6, atol=1e-8))
 
@@ -439,6 +435,6 @@ def _rel_error_cases(hidden: bool):
 def check_rel_error(rel_error, hidden=False):
     """Check rel_error(a, b) -> float."""
     __tracebackhide__ = True
-    _report("rel_error", run_check(
+    report_pass("rel_error", run_check(
         "rel_error", rel_error, ref.rel_error, _rel_error_cases(hidden),
         lambda fn, case: float(fn(case.data["a"].copy(), case.data["b"].copy())), REL_ERROR_CATALOGUE))

@@ -14,7 +14,7 @@ from functools import partial
 import numpy as np
 
 from .. import feature_scaling as ref
-from . import Case, Misconception, run_check
+from . import Case, Misconception, run_check, report_pass
 
 __all__ = [
     "check_min_max_scaler",
@@ -284,15 +284,11 @@ def _run_scaler(cls, case):
     return out
 
 
-def _report(task, n):
-    print(f"{task}: all {n} cases agree with the reference.")
-
-
 def check_standard_scaler(StandardScaler, hidden=False):
     """Check a StandardScaler class against scikit-learn's conventions."""
     __tracebackhide__ = True
     cases = _scaler_cases(hidden, [None] * 5)
-    _report("StandardScaler", run_check("StandardScaler", StandardScaler, ref.StandardScaler, cases,
+    report_pass("StandardScaler", run_check("StandardScaler", StandardScaler, ref.StandardScaler, cases,
                                         _run_scaler, STANDARD_SCALER_CATALOGUE))
 
 
@@ -300,7 +296,7 @@ def check_min_max_scaler(MinMaxScaler, hidden=False):
     """Check a MinMaxScaler class, feature_range included."""
     __tracebackhide__ = True
     cases = _scaler_cases(hidden, [(0.0, 1.0), (-1.0, 1.0), (2.0, 5.0), (-3.0, -1.0), (0.0, 1.0)])
-    _report("MinMaxScaler", run_check("MinMaxScaler", MinMaxScaler, ref.MinMaxScaler, cases,
+    report_pass("MinMaxScaler", run_check("MinMaxScaler", MinMaxScaler, ref.MinMaxScaler, cases,
                                       _run_scaler, MIN_MAX_SCALER_CATALOGUE))
 
 
@@ -331,7 +327,7 @@ def _run_gradient(fn, case):
 def check_mse_gradient(mse_gradient, hidden=False):
     """Check mse_gradient(X, y, w, b) -> (dw, db)."""
     __tracebackhide__ = True
-    _report("mse_gradient", run_check("mse_gradient", mse_gradient, ref.mse_gradient,
+    report_pass("mse_gradient", run_check("mse_gradient", mse_gradient, ref.mse_gradient,
                                       _gradient_cases(hidden), _run_gradient, MSE_GRADIENT_CATALOGUE))
 
 
@@ -365,7 +361,7 @@ def _run_gd(fn, case):
 def check_gradient_descent(gradient_descent, hidden=False):
     """Check gradient_descent(X, y, lr, n_steps) -> (w, b, losses)."""
     __tracebackhide__ = True
-    _report("gradient_descent", run_check("gradient_descent", gradient_descent, ref.gradient_descent,
+    report_pass("gradient_descent", run_check("gradient_descent", gradient_descent, ref.gradient_descent,
                                           _gd_cases(hidden), _run_gd, GRADIENT_DESCENT_CATALOGUE))
 
 
@@ -393,7 +389,7 @@ def _run_steps(fn, case):
 def check_steps_to_tolerance(steps_to_tolerance, hidden=False):
     """Check steps_to_tolerance(X, y, lr, tol, max_steps) -> int."""
     __tracebackhide__ = True
-    _report("steps_to_tolerance", run_check("steps_to_tolerance", steps_to_tolerance,
+    report_pass("steps_to_tolerance", run_check("steps_to_tolerance", steps_to_tolerance,
                                             ref.steps_to_tolerance, _steps_cases(hidden),
                                             _run_steps, STEPS_TO_TOLERANCE_CATALOGUE))
 
@@ -409,7 +405,7 @@ def _hessian_cases(hidden):
 def check_hessian_condition_number(hessian_condition_number, hidden=False):
     """Check hessian_condition_number(X) -> float."""
     __tracebackhide__ = True
-    _report("hessian_condition_number", run_check(
+    report_pass("hessian_condition_number", run_check(
         "hessian_condition_number", hessian_condition_number, ref.hessian_condition_number,
         _hessian_cases(hidden), lambda fn, case: float(fn(case.data["X"].copy())), HESSIAN_CATALOGUE,
         rtol=1e-6))

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import inference as ref
-from . import Case, CheckFailed, Misconception, run_check
+from . import Case, CheckFailed, Misconception, run_check, report_pass
 
 __all__ = [
     "check_batchnorm",
@@ -391,10 +391,6 @@ CATALOGUE = {
 # --------------------------------------------------------------------------
 # Cases. Visible seeds are 0..; hidden seeds start at 1000 and add edge cases.
 
-def _report(task, n):
-    print(f"{task}: all {n} cases agree with the reference.")
-
-
 def _batches(rng, shapes_and_modes, dtype=np.float64):
     """(mode, x, dout) steps; x's channels have their own mean and spread."""
     c = shapes_and_modes[0][1][1]
@@ -509,7 +505,7 @@ def _run_batchnorm(cls, case):
 def check_batchnorm(BatchNorm, hidden=False):
     """Check the NumPy BatchNorm class over seeded train/eval sequences."""
     __tracebackhide__ = True
-    _report("BatchNorm", run_check("BatchNorm", BatchNorm, ref.BatchNorm, _layer_cases(hidden, False),
+    report_pass("BatchNorm", run_check("BatchNorm", BatchNorm, ref.BatchNorm, _layer_cases(hidden, False),
                                    _run_batchnorm, BATCHNORM_CATALOGUE))
 
 
@@ -591,7 +587,7 @@ def check_torch_batchnorm(TorchBatchNorm, hidden=False):
     with _without_builtin_batch_norm():
         n = run_check("TorchBatchNorm", TorchBatchNorm, ref.TorchBatchNorm, _layer_cases(hidden, True),
                       _run_torch_batchnorm, TORCH_BATCHNORM_CATALOGUE)
-    _report("TorchBatchNorm", n)
+    report_pass("TorchBatchNorm", n)
 
 
 def _population_cases(hidden):
@@ -614,7 +610,7 @@ def _run_population(fn, case):
 def check_population_statistics(population_statistics, hidden=False):
     """Check population_statistics(batch_means, batch_vars, batch_size) -> (mean, var)."""
     __tracebackhide__ = True
-    _report("population_statistics", run_check(
+    report_pass("population_statistics", run_check(
         "population_statistics", population_statistics, ref.population_statistics,
         _population_cases(hidden), _run_population, POPULATION_CATALOGUE))
 
@@ -701,7 +697,7 @@ def _run_fold(fn, case):
 def check_fold_batchnorm(fold_batchnorm, hidden=False):
     """Check fold_batchnorm(layer, bn) -> a new nn.Linear / nn.Conv2d."""
     __tracebackhide__ = True
-    _report("fold_batchnorm", run_check("fold_batchnorm", fold_batchnorm, ref.fold_batchnorm,
+    report_pass("fold_batchnorm", run_check("fold_batchnorm", fold_batchnorm, ref.fold_batchnorm,
                                         _fold_cases(hidden), _run_fold, FOLD_CATALOGUE))
 
 
@@ -768,7 +764,7 @@ def _run_recalibrate(fn, case):
 def check_recalibrate_batchnorm(recalibrate_batchnorm, hidden=False):
     """Check recalibrate_batchnorm(model, batches): statistics, modes, momenta, weights."""
     __tracebackhide__ = True
-    _report("recalibrate_batchnorm", run_check(
+    report_pass("recalibrate_batchnorm", run_check(
         "recalibrate_batchnorm", recalibrate_batchnorm, ref.recalibrate_batchnorm,
         _recalibration_cases(hidden), _run_recalibrate, RECALIBRATE_CATALOGUE))
 
@@ -815,5 +811,5 @@ def check_bn_parameter_counts(bn_parameter_counts, hidden=False):
         trainable, non_trainable = fn(case.data["make"]())
         return {"trainable": int(trainable), "non-trainable": int(non_trainable)}
 
-    _report("bn_parameter_counts", run_check("bn_parameter_counts", bn_parameter_counts, ref.bn_parameter_counts,
+    report_pass("bn_parameter_counts", run_check("bn_parameter_counts", bn_parameter_counts, ref.bn_parameter_counts,
                                              cases, run, COUNTS_CATALOGUE))
