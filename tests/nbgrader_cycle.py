@@ -87,7 +87,8 @@ def run_cycle(tmp_path: Path, slug: str, buggy: dict) -> CycleResult:
             target.write_text('{"cells": [ this is not JSON')
         else:
             nbformat.write(nb, target)
-        log += nbgrader(course, "db", "student", "add", student)
+    (course / "students.csv").write_text("id\n" + "\n".join([*submissions, "corrupt"]) + "\n")
+    log += nbgrader(course, "db", "student", "import", "students.csv")
 
     log += nbgrader(course, "autograde", slug, "--create")
     log += nbgrader(course, "generate_feedback", slug)
