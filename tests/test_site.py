@@ -1,4 +1,4 @@
-"""The built site in a real browser: Chapter 1's page in headless Chromium.
+"""The built site in a real browser: every chapter page in headless Chromium.
 
 Needs `make html` first (`make test` does it). Chromium comes from Debian
 (`make system-deps`); without it the test skips, except in CI (CI=true), where it
@@ -17,13 +17,13 @@ import pytest
 
 SITE = Path(__file__).resolve().parents[1] / "_build" / "html"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-PAGE = "book/ch1_feature_scaling.html"
+SLUGS = sorted(p.name for p in (SITE.parents[1] / "solutions").iterdir() if p.is_dir())
 
 
 @pytest.fixture(scope="module")
 def site_url():
-    if not (SITE / PAGE).is_file():
-        pytest.fail(f"{SITE / PAGE} is missing: build the site first with `make html`.")
+    if not (SITE / "index.html").is_file():
+        pytest.fail(f"{SITE} is missing: build the site first with `make html`.")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(SITE))
     handler.log_message = lambda *args: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -48,13 +48,14 @@ def browser():
         browser.close()
 
 
-@pytest.fixture(scope="module")
-def chapter(site_url, browser):
-    """The loaded Chapter 1 page and every URL it requested."""
+@pytest.fixture(scope="module", params=SLUGS)
+def chapter(request, site_url, browser):
+    """A loaded chapter page and every URL it requested."""
     page = browser.new_page()
+    page.slug = request.param
     requests = []
-    page.on("request", lambda request: requests.append(request.url))
-    page.goto(f"{site_url}/{PAGE}", wait_until="networkidle")
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(f"{site_url}/book/{request.param}.html", wait_until="networkidle")
     page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise")
     page.evaluate("() => MathJax.startup.promise")
     yield page, requests
@@ -87,7 +88,7 @@ def test_every_image_has_loaded(chapter):
 
 def test_download_link_returns_the_released_notebook(chapter):
     page, _ = chapter
-    link = page.locator("a.download", has_text="ch1_feature_scaling.ipynb")
+    link = page.locator("a.download", has_text=f"{page.slug}.ipynb")
     assert link.count() == 1
     response = page.request.get(link.evaluate("a => a.href"))
     assert response.ok
@@ -103,7 +104,7 @@ def test_launch_buttons_are_offered(chapter):
     box = page.locator(".exercise-links")
     hrefs = box.locator("a.launch-link").evaluate_all("links => links.map(a => a.href)")
     assert [h.split("/")[2] for h in hrefs][:2] == ["colab.research.google.com", "mybinder.org"]
-    assert all("exercises/ch1_feature_scaling/ch1_feature_scaling.ipynb" in h for h in hrefs)
+    assert all(f"exercises/{page.slug}/{page.slug}.ipynb" in h for h in hrefs)
     assert len(hrefs) == 3
     header = page.locator(".dropdown-launch-buttons a").evaluate_all("links => links.map(a => a.href)")
     assert sorted(header) == sorted(hrefs), "the page's launch buttons must open the exercise too"
