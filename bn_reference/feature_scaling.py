@@ -21,6 +21,7 @@ __all__ = [
     "StandardScaler",
     "mse_loss",
     "mse_gradient",
+    "gradient_descent_path",
     "gradient_descent",
     "least_squares_loss",
     "steps_to_tolerance",
@@ -168,20 +169,29 @@ def mse_gradient(X, y, w, b):
     return 2.0 / n * (X.T @ r), 2.0 / n * float(r.sum())
 
 
+def gradient_descent_path(X, y, lr: float, n_steps: int):
+    """The iterates of plain GD on the MSE from w = 0, b = 0,
+    (w, b) <- (w, b) - lr * grad L(w, b).
+
+    Returns ``(W, B)``: W (n_steps + 1, d) and B (n_steps + 1,), row k after k steps.
+    """
+    X, y = _check_regression(X, y)
+    W, B = np.zeros((n_steps + 1, X.shape[1])), np.zeros(n_steps + 1)
+    for k in range(n_steps):
+        dw, db = mse_gradient(X, y, W[k], B[k])
+        W[k + 1], B[k + 1] = W[k] - lr * dw, B[k] - lr * db
+    return W, B
+
+
 def gradient_descent(X, y, lr: float, n_steps: int):
-    """Plain GD on the MSE from w = 0, b = 0: (w, b) <- (w, b) - lr * grad.
+    """Plain GD on the MSE from w = 0, b = 0 (``gradient_descent_path``).
 
     Returns ``(w, b, losses)``: w (d,), float b, and losses (n_steps + 1,) where
     ``losses[k]`` is the loss after k steps (``losses[0]`` at the start).
     """
-    X, y = _check_regression(X, y)
-    w, b = np.zeros(X.shape[1]), 0.0
-    losses = [mse_loss(X, y, w, b)]
-    for _ in range(n_steps):
-        dw, db = mse_gradient(X, y, w, b)
-        w, b = w - lr * dw, b - lr * db
-        losses.append(mse_loss(X, y, w, b))
-    return w, b, np.array(losses)
+    W, B = gradient_descent_path(X, y, lr, n_steps)
+    losses = np.array([mse_loss(X, y, w, b) for w, b in zip(W, B)])
+    return W[-1], float(B[-1]), losses
 
 
 def least_squares_loss(X, y) -> float:
