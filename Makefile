@@ -17,11 +17,17 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 install: $(VENV)/.installed
 
-# Debian's Chromium for the browser test (Playwright cannot download a browser here).
+# Debian packages the tests need: Chromium for the browser test (Playwright cannot
+# download a browser here), bubblewrap for the class grader's sandbox, PostgreSQL for
+# the gradebook test (the test starts and stops its own server).
 system-deps:
-	@if ! command -v chromium >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else echo "chromium is missing: install Debian's chromium package, or the browser test will skip (outside CI)"; fi; \
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing Debian packages:$$missing (install them as root; their tests skip outside CI)"; fi; \
 	fi
 
 # A clean build every time: nothing stale can pass. -W turns every warning
@@ -37,8 +43,11 @@ test: html system-deps
 exercises: install
 	for d in solutions/*/; do $(BIN)/nbgrader generate_assignment "$$(basename $$d)" --force --log-level=WARN; done
 
+# Benchmarks print ratios measured side by side; the class-grading one takes several minutes.
 bench: install
 	$(PY) -m bn_reference.benchmarks.backprop
+	$(PY) -m bn_reference.benchmarks.whitening
+	$(PY) -m bncourse.benchmark
 
 clean:
-	rm -rf _build submitted autograded feedback gradebook.db
+	rm -rf _build submitted autograded feedback downloaded reports gradebook.db

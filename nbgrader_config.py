@@ -1,14 +1,18 @@
 """nbgrader configuration: this repository is the course directory.
 
 solutions/<slug>/<slug>.ipynb is the instructor source, exercises/<slug>/ the
-released student version (committed). See book/instructors.md.
+released student version (committed). See book/instructors.md: `bncourse grade`
+uses this file too, and replaces only how notebooks are run (in a sandbox).
 """
 
 import os
 
-from bn_reference.grading.feedback import HideHiddenTests
+from bncourse.autograde import RestoreCells
+from bncourse.feedback import TEMPLATES, HideHiddenTests, PendingManualGrades
+from bncourse.release import InstallFromRepository
 from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
-from nbgrader.preprocessors import GetGrades
+from nbgrader.converters import GenerateAssignment
+from nbgrader.preprocessors import CheckCellMetadata, ClearOutput, DeduplicateIds, GetGrades, OverwriteKernelspec
 
 c = get_config()  # noqa: F821 - provided by nbgrader when it loads this file
 
@@ -17,8 +21,21 @@ c.CourseDirectory.source_directory = "solutions"
 c.CourseDirectory.release_directory = "exercises"
 c.CourseDirectory.course_id = "batchnorm"
 
-# Feedback shows neither the hidden tests' code nor their tracebacks.
-c.GenerateFeedback.preprocessors = [GetGrades, HideHiddenTests, CSSHTMLHeaderPreprocessor]
+# The released notebooks install the course package from the repository _config.yml names.
+c.GenerateAssignment.preprocessors = [InstallFromRepository, *GenerateAssignment.class_traits()["preprocessors"].default()]
+c.InstallFromRepository.book_config = os.path.join(c.CourseDirectory.root, "_config.yml")
 
-# Per-cell time limit for autograding (seconds).
+# Deleted grade cells are put back (and graded); the checksum change that every
+# released grade cell shows by design (its hidden tests were removed) is not a warning.
+c.Autograde.sanitize_preprocessors = [ClearOutput, DeduplicateIds, OverwriteKernelspec, RestoreCells,
+                                      CheckCellMetadata]
+
+# Feedback shows neither the hidden tests' code nor their tracebacks, and written
+# answers not yet graded by hand are "pending", not 0.
+c.GenerateFeedback.preprocessors = [GetGrades, PendingManualGrades, HideHiddenTests, CSSHTMLHeaderPreprocessor]
+c.HTMLExporter.extra_template_basedirs = TEMPLATES
+c.HTMLExporter.template_name = "bn_feedback"
+c.HTMLExporter.template_file = "pending.html.j2"
+
+# Per-cell time limit for plain `nbgrader autograde` (seconds); `bncourse grade` has its own limits.
 c.ExecutePreprocessor.timeout = 300

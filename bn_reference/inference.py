@@ -37,6 +37,7 @@ __all__ = [
     "batchnorm_layers",
     "fold_batchnorm",
     "recalibrate_batchnorm",
+    "freeze_batchnorm",
     "bn_parameter_counts",
 ]
 
@@ -48,18 +49,25 @@ def _channels_last(x: np.ndarray) -> np.ndarray:
     return np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
 
 
-def _check_input(x, num_features: int, training: bool):
+def _check_input(x, num_features: int) -> int:
     """Validate the (N, C), (N, C, L) or (N, C, H, W) shape; return the number
-    of values per channel, n = N * L or N * H * W."""
+    of values per channel, n = N, N * L or N * H * W."""
     if not 2 <= x.ndim <= 4:
         raise ValueError(f"expected (N, C), (N, C, L) or (N, C, H, W) input, got shape {tuple(x.shape)}.")
     if x.shape[1] != num_features:
         raise ValueError(f"expected {num_features} channels on axis 1, got shape {tuple(x.shape)}.")
-    n = int(np.prod(x.shape)) // num_features
-    if training and n <= 1:
-        raise ValueError(_SIZE_1_MESSAGE.format(tuple(x.shape)) +
-                         ": one value per channel has variance 0; use batches of 2 or more, or eval().")
-    return n
+    return int(np.prod(x.shape)) // num_features
+
+
+def _check_size(x, n: int, training: bool) -> None:
+    """Batch statistics need n > 1 values per channel: (1, C) and (1, C, 1, 1) raise,
+    (1, C, L) with L > 1 and (1, C, H, W) with H * W > 1 do not (as in PyTorch)."""
+    if n <= 1:
+        advice = ("use more values per channel (a batch of 2 or more, or a larger spatial size), or eval()"
+                  if training else
+                  "this layer keeps no running statistics (track_running_stats=False), so eval mode "
+                  "normalizes with the batch's statistics too: pass more values per channel")
+        raise ValueError(_SIZE_1_MESSAGE.format(tuple(x.shape)) + f": one value per channel has variance 0; {advice}.")
 
 
 def _check_hyper(num_features, eps, momentum):
@@ -81,6 +89,9 @@ class BatchNorm:
     with ``momentum``, or by the cumulative average when ``momentum`` is None.
     In eval mode (``eval()``) it applies the fixed affine map
     gamma * (x - running_mean) / sqrt(running_var + eps) + beta and updates nothing.
+    Training needs more than one value per channel (N * L or N * H * W > 1); like
+    PyTorch, a training step that fails for that reason has already added 1 to
+    ``num_batches_tracked``.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1):
@@ -106,9 +117,11 @@ class BatchNorm:
     def forward(self, x):
         """Normalize x (N, C, *S) per channel; returns an array shaped like x."""
         x = np.asarray(x)
-        n = _check_input(x, self.num_features, self.training)
+        n = _check_input(x, self.num_features)
         flat = _channels_last(x)
         if self.training:
+            self.num_batches_tracked += 1  # before the size check, as PyTorch does
+            _check_size(x, n, training=True)
             out, cache = batchnorm_forward(flat, self.gamma, self.beta, self.eps)
             self._update(cache["mu"], cache["var"], n)
         else:
@@ -118,8 +131,8 @@ class BatchNorm:
     __call__ = forward
 
     def _update(self, mean, biased_var, n: int):
-        """EMA (or cumulative average) of the batch mean and the unbiased batch variance."""
-        self.num_batches_tracked += 1
+        """EMA (or cumulative average) of the batch mean and the unbiased batch variance
+        (num_batches_tracked already counts this step)."""
         factor = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
         self.running_mean = ema_update(self.running_mean, mean, factor)
         self.running_var = ema_update(self.running_var, biased_var * n / (n - 1), factor)
@@ -176,7 +189,13 @@ class TorchBatchNorm(nn.Module):
     (N, C, H, W) input. Training mode normalizes with the batch's mean and
     biased variance (gradients flow through them) and, with
     ``track_running_stats``, updates the running statistics outside autograd.
-    Eval mode uses the running statistics, or the batch's when none are tracked.
+    Eval mode uses the running statistics, or the batch's when none are tracked
+    (so eval mode then needs more than one value per channel too).
+
+    Conventions, as in PyTorch: weight, bias, running_mean and running_var have
+    ``dtype`` and live on ``device``; num_batches_tracked is a ``torch.long``
+    scalar on ``device``; a training step that fails for one value per channel
+    has already added 1 to num_batches_tracked.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -209,14 +228,20 @@ class TorchBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = weight * (x - mean) / sqrt(var + eps) + bias, per channel (axis 1)."""
+        n = _check_input(x, self.num_features)
+        update = self.training and self.track_running_stats
+        if update:
+            with torch.no_grad():
+                self.num_batches_tracked += 1  # before the size check, as PyTorch does
         use_batch_stats = self.training or self.running_mean is None
-        n = _check_input(x, self.num_features, use_batch_stats)
+        if use_batch_stats:
+            _check_size(x, n, self.training)
         dims = [0, *range(2, x.dim())]
         shape = (1, -1) + (1,) * (x.dim() - 2)
         if use_batch_stats:
             mean = x.mean(dim=dims)
             var = x.var(dim=dims, correction=0)
-            if self.training and self.track_running_stats:
+            if update:
                 self._update(mean.detach(), var.detach(), n)
         else:
             mean, var = self.running_mean, self.running_var
@@ -229,7 +254,7 @@ class TorchBatchNorm(nn.Module):
 
     @torch.no_grad()
     def _update(self, mean, biased_var, n: int) -> None:
-        self.num_batches_tracked += 1
+        """EMA (or cumulative average) in place; num_batches_tracked already counts this step."""
         factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         self.running_mean.mul_(1.0 - factor).add_(mean, alpha=factor)
         self.running_var.mul_(1.0 - factor).add_(biased_var * (n / (n - 1)), alpha=factor)
@@ -248,6 +273,8 @@ def fold_batchnorm(layer: nn.Module, bn: nn.Module) -> nn.Module:
     output channel, s = gamma / sqrt(running_var + eps). Folding it into
     z = W x + b gives W' = s * W (row / output channel c scaled by s_c) and
     b' = s * (b - running_mean) + beta. ``layer`` and ``bn`` are not changed.
+    The new layer has ``layer.weight``'s dtype and device (a layer built without
+    ``dtype=`` would be float32 and reject a float64 input), and always a bias.
     """
     if not isinstance(layer, (nn.Linear, nn.Conv2d)):
         raise ValueError(f"layer must be nn.Linear or nn.Conv2d, got {type(layer).__name__}.")
@@ -305,6 +332,26 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> nn.Module:
         for m, training in modes.items():
             m.training = training
     return model
+
+
+def freeze_batchnorm(model: nn.Module) -> list[nn.Module]:
+    """Freeze every BN layer of ``model`` for fine-tuning; return the frozen layers.
+
+    A frozen layer is in eval mode - it normalizes with its running statistics and
+    updates none of them - and its gamma and beta have ``requires_grad=False``.
+    ``requires_grad_(False)`` alone is not enough: in training mode the layer still
+    normalizes with batch statistics and still updates its running statistics.
+    ``model.train()`` puts the layers back in training mode, so call this again after
+    every ``model.train()``. Keras does both in one step: a BatchNormalization layer
+    with ``trainable = False`` runs in inference mode (keras/src/layers/normalization/
+    batch_normalization.py, ``if training and self.trainable``).
+    """
+    layers = batchnorm_layers(model)
+    for bn in layers:
+        bn.eval()
+        for p in bn.parameters(recurse=False):
+            p.requires_grad_(False)
+    return layers
 
 
 def bn_parameter_counts(model: nn.Module) -> tuple[int, int]:

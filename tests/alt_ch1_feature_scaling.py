@@ -56,7 +56,7 @@ def _loss(X, y, w, b):
 def mse_gradient(X, y, w, b):
     w = torch.tensor(w, dtype=torch.float64, requires_grad=True)
     b = torch.tensor(float(b), dtype=torch.float64, requires_grad=True)
-    _loss(torch.as_tensor(X), torch.as_tensor(y), w, b).backward()
+    _loss(torch.as_tensor(X, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64), w, b).backward()
     return w.grad.numpy(), b.grad.item()
 
 

@@ -1,7 +1,7 @@
 """A second correct Chapter 4 implementation, written differently from the
 reference (feature-by-feature forward, the paper's Sec. 3 equations, the
-per-feature Jacobian, perturbations built from an identity matrix), that every
-check must accept."""
+per-feature Jacobian, perturbations built from an identity matrix, the spatial
+case by reshaping to 2-D as CS231n does), that every check must accept."""
 
 import numpy as np
 
@@ -50,3 +50,20 @@ def numerical_gradient(f, x, dout, h=1e-5):
 def rel_error(a, b):
     a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
     return max(abs(p - q) / max(abs(p) + abs(q), 1e-8) for p, q in zip(a, b))
+
+
+def spatial_batchnorm_forward(x, gamma, beta, eps=1e-5):
+    """CS231n's route: channels last, flatten to (N*H*W, C), the 2-D forward, and back."""
+    n, c, h, w = x.shape
+    out, cache = batchnorm_forward(x.transpose(0, 2, 3, 1).reshape(-1, c), gamma, beta, eps)
+    back = lambda a: a.reshape(n, h, w, c).transpose(0, 3, 1, 2)  # noqa: E731
+    cache.update(x_hat=back(cache["x_hat"]), x_centered=back(cache["x_centered"]))
+    return back(out), cache
+
+
+def spatial_batchnorm_backward(dout, cache):
+    n, c, h, w = dout.shape
+    flat = lambda a: a.transpose(0, 2, 3, 1).reshape(-1, c)  # noqa: E731
+    dx, dgamma, dbeta = batchnorm_backward(flat(dout), {**cache, "x_hat": flat(cache["x_hat"]),
+                                                         "x_centered": flat(cache["x_centered"])})
+    return dx.reshape(n, h, w, c).transpose(0, 3, 1, 2), dgamma, dbeta

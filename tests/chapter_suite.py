@@ -11,6 +11,7 @@ A chapter's test file subclasses these with its own settings:
 
 from __future__ import annotations
 
+import nbformat
 import pytest
 
 from bn_reference.grading import CheckFailed
@@ -60,10 +61,11 @@ class CatalogueSuite:
 
 
 class CycleSuite:
-    """The nbgrader cycle on the chapter's exercise: the committed release is what
-    generate_assignment makes; the model answers score full marks, the untouched
-    release 0, each buggy submission strictly in between with its misconception
-    named in its feedback; a corrupt notebook harms no one; feedback hides the
+    """The grading cycle on the chapter's exercise, with the sandboxed class grader:
+    the committed release is what generate_assignment makes; the model answers score
+    full marks, the untouched release 0, each buggy submission strictly in between
+    with its misconception named in its feedback and counted in the class's
+    misconception report; a corrupt notebook harms no one; feedback hides the
     hidden tests."""
 
     slug: str
@@ -89,15 +91,16 @@ class CycleSuite:
 
     def test_scores(self, cycle):
         assert cycle.scores["solution"] == (self.full_score, self.full_score), cycle.log
-        assert cycle.scores["blank"] == (0, self.full_score)
+        assert cycle.scores["blank"] == (0, self.full_score), cycle.log
         for student in self.buggy:
             assert 0 < cycle.scores[student][0] < self.full_score, (student, cycle.scores[student])
 
     def test_corrupt_submission_is_reported_and_harms_no_one(self, cycle):
         assert cycle.scores["corrupt"] is None or cycle.scores["corrupt"][0] == 0
-        assert "Notebook does not appear to be JSON" in cycle.log
-        graded = {row["student_id"] for row in cycle.grades_csv if row["assignment"] == self.slug}
-        assert {"solution", "blank", *self.buggy} <= graded
+        assert "NOT GRADED corrupt: the notebook is not valid JSON" in cycle.log
+        assert cycle.exit_code == 1, cycle.log  # graded everyone else, and says someone was not
+        graded = {row["student_id"] for row in cycle.grades_csv if row["status"] == "graded"}
+        assert graded == {"solution", "blank", *self.buggy}
 
     def test_feedback_names_the_misconception_and_hides_hidden_tests(self, cycle):
         for student, (_, name) in self.buggy.items():
@@ -105,4 +108,12 @@ class CycleSuite:
         for student, html in cycle.feedback.items():
             assert "HIDDEN TESTS" not in html and "hidden=True" not in html, student
         solution = cycle.feedback["solution"]
-        assert "CheckFailed" not in solution and solution.count("cases agree") >= 2 * len(self.buggy)
+        grade_cells = nbformat.read(cycle.release, as_version=4).cells
+        checks = sum(1 for c in grade_cells if c.metadata.get("nbgrader", {}).get("grade") and c.cell_type == "code")
+        assert "CheckFailed" not in solution and solution.count("cases agree") >= 2 * checks  # visible and hidden
+
+    def test_the_report_counts_each_misconception(self, cycle):
+        for student, (_, name) in self.buggy.items():
+            named = {t["misconception"] for t in cycle.results[student]["tasks"]}
+            assert name in named, (student, named)
+        assert all(t["status"] == "passed" for t in cycle.results["solution"]["tasks"])

@@ -1,14 +1,20 @@
-"""The nbgrader cycle, run on one chapter in a temporary course directory.
+"""The grading cycle, run on one chapter in a temporary course directory.
 
-generate_assignment -> submissions -> autograde -> generate_feedback -> export,
-with nbgrader's own commands and the repository's ``nbgrader_config.py``, as an
-instructor would run them (book/instructors.md). Each chapter's test file calls
-:func:`run_cycle` with its own buggy submissions.
+nbgrader's ``generate_assignment`` releases the exercise; a small class (the
+model answers, the untouched release, buggy submissions, a corrupt file) is
+graded with ``bncourse grade`` - the sandboxed class grader on top of
+nbgrader's gradebook, as an instructor runs it (book/instructors.md) - which
+also writes feedback, the grade sheet and the misconception report. Each
+chapter's test file calls :func:`run_cycle` with its own buggy submissions.
+Running every chapter's checks inside the sandbox is also what proves that they
+keep to the grading contract (their ``run`` functions work without the
+reference, which the sandbox does not have).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -25,21 +31,61 @@ SOLUTION_MARKERS = ("### BEGIN SOLUTION", "### END SOLUTION")
 
 @dataclass
 class CycleResult:
+    course: Path               # the temporary course directory
     release: Path              # the notebook generate_assignment wrote
-    scores: dict               # student -> (autograded score, max autograded score)
+    scores: dict               # student -> (autograded score, max autograded score), or None
     feedback: dict             # student -> feedback HTML text ("" if none)
     grades_csv: list           # rows of the exported grade sheet
-    log: str                   # nbgrader's output, for diagnosing failures
+    results: dict              # student -> the grader's verdicts (reports/<slug>/results/<student>.json)
+    log: str                   # the commands' output, for diagnosing failures
+    exit_code: int             # of bncourse grade
+
+
+def _env() -> dict:
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 
 
 def nbgrader(course: Path, *args: str) -> str:
     """Run an nbgrader command in ``course``; return its combined output."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=course, env=env,
+    proc = subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=course, env=_env(),
                           capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0 or args[0] == "autograde", f"nbgrader {' '.join(args)} failed:\n{output}"
     return output
+
+
+def require_isolation() -> None:
+    """Skip (fail in CI) when this machine cannot sandbox a submission: bncourse would refuse."""
+    import pytest
+
+    from bncourse.sandbox import IsolationUnavailable, probe
+    try:
+        probe()
+    except IsolationUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the class grader's sandbox is required in CI ({exc}); `make system-deps` installs it")
+        pytest.skip(f"no sandbox on this machine: {exc}")
+
+
+def bncourse(course: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run ``bncourse --course course ...`` as an instructor would."""
+    require_isolation()
+    return subprocess.run([sys.executable, "-m", "bncourse.cli", "--course", str(course), *args], env=_env(),
+                          capture_output=True, text=True, timeout=1800)
+
+
+def make_course(tmp_path: Path, slugs: list[str], book_config: str | None = None) -> Path:
+    """A course directory with the repository's nbgrader_config.py and _config.yml (or
+    ``book_config``: the released notebooks install from the repository it names) and
+    the chapters' sources, released."""
+    course = tmp_path / "course"
+    course.mkdir()
+    shutil.copy(ROOT / "nbgrader_config.py", course)
+    (course / "_config.yml").write_text(book_config or (ROOT / "_config.yml").read_text())
+    for slug in slugs:
+        shutil.copytree(ROOT / "solutions" / slug, course / "solutions" / slug)
+        nbgrader(course, "generate_assignment", slug, "--force")
+    return course
 
 
 def answered(release: nbformat.NotebookNode, solution: nbformat.NotebookNode) -> nbformat.NotebookNode:
@@ -65,49 +111,55 @@ def patched(nb: nbformat.NotebookNode, patches) -> nbformat.NotebookNode:
     return nb
 
 
-def run_cycle(tmp_path: Path, slug: str, buggy: dict) -> CycleResult:
-    """Run the cycle for ``slug`` with students ``solution`` (model answers), ``blank``
-    (the release untouched), ``corrupt`` (invalid JSON) and one student per entry of
-    ``buggy`` ({student: [(old, new), ...]} patches of the model answers)."""
-    course = tmp_path / "course"
-    course.mkdir()
-    shutil.copy(ROOT / "nbgrader_config.py", course)
-    shutil.copytree(ROOT / "solutions" / slug, course / "solutions" / slug)
-    log = nbgrader(course, "generate_assignment", slug, "--force")
-    release_path = course / "exercises" / slug / f"{slug}.ipynb"
-    release = nbformat.read(release_path, as_version=4)
+def model_and_release(course: Path, slug: str) -> tuple[nbformat.NotebookNode, nbformat.NotebookNode]:
+    release = nbformat.read(course / "exercises" / slug / f"{slug}.ipynb", as_version=4)
     solution = nbformat.read(course / "solutions" / slug / f"{slug}.ipynb", as_version=4)
+    return answered(release, solution), release
 
-    submissions = {"solution": answered(release, solution), "blank": release}
-    submissions.update({student: patched(submissions["solution"], p) for student, p in buggy.items()})
-    for student, nb in [*submissions.items(), ("corrupt", None)]:
-        target = course / "submitted" / student / slug / f"{slug}.ipynb"
+
+def write_submissions(folder: Path, slug: str, submissions: dict) -> None:
+    """``folder/<student>/<slug>/<slug>.ipynb`` for each notebook (raw text for a str)."""
+    for student, nb in submissions.items():
+        target = folder / student / slug / f"{slug}.ipynb"
         target.parent.mkdir(parents=True)
-        if nb is None:
-            target.write_text('{"cells": [ this is not JSON')
-        else:
-            nbformat.write(nb, target)
-    (course / "students.csv").write_text("id\n" + "\n".join([*submissions, "corrupt"]) + "\n")
-    log += nbgrader(course, "db", "student", "import", "students.csv")
+        target.write_text(nb) if isinstance(nb, str) else nbformat.write(nb, target)
 
-    log += nbgrader(course, "autograde", slug, "--create")
-    log += nbgrader(course, "generate_feedback", slug)
-    log += nbgrader(course, "export", "--to", "grades.csv")
 
+def collect_results(course: Path, slug: str, students, proc: subprocess.CompletedProcess, log: str) -> CycleResult:
+    """What the graded class left behind: scores, feedback, grade sheet, verdicts."""
     scores = {}
     with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
-        for student in [*submissions, "corrupt"]:
+        for student in students:
             try:
                 sub = gb.find_submission(slug, student)
                 scores[student] = (sub.code_score, sub.max_code_score)
             except Exception:  # nbgrader records no submission it could not read
                 scores[student] = None
     feedback = {}
-    for student in [*submissions, "corrupt"]:
+    for student in students:
         html = course / "feedback" / student / slug / f"{slug}.html"
         feedback[student] = html.read_text() if html.exists() else ""
-    with open(course / "grades.csv") as f:
+    reports = course / "reports" / slug
+    with open(reports / "grades.csv") as f:
         rows = list(csv.DictReader(f))
+    results = {p.stem: json.loads(p.read_text()) for p in (reports / "results").glob("*.json")}
+    return CycleResult(course, course / "exercises" / slug / f"{slug}.ipynb", scores, feedback, rows, results,
+                       log + proc.stdout + proc.stderr, proc.returncode)
+
+
+def run_cycle(tmp_path: Path, slug: str, buggy: dict) -> CycleResult:
+    """Grade students ``solution`` (model answers), ``blank`` (the release untouched),
+    ``corrupt`` (invalid JSON) and one student per entry of ``buggy`` ({student:
+    [(old, new), ...]} patches of the model answers) with ``bncourse grade``."""
+    course = make_course(tmp_path, [slug])
+    model, release = model_and_release(course, slug)
+    submissions = {"solution": model, "blank": release}
+    submissions.update({student: patched(model, p) for student, p in buggy.items()})
+    submissions["corrupt"] = '{"cells": [ this is not JSON'
+    incoming = tmp_path / "incoming"
+    write_submissions(incoming, slug, submissions)
+    proc = bncourse(course, "grade", slug, str(incoming), "--cell-timeout", "120")
+    result = collect_results(course, slug, submissions, proc, "")
     assert (course / "submitted" / "corrupt" / slug / f"{slug}.ipynb").read_text().startswith('{"cells"'), \
         "the corrupt submission was changed or lost"
-    return CycleResult(release_path, scores, feedback, rows, log)
+    return result

@@ -2,6 +2,8 @@
 (scikit-learn, PyTorch autograd and optimizers, numerical differentiation),
 and the grading checks against the misconception catalogue."""
 
+import re
+
 import numpy as np
 import pytest
 import scipy.optimize
@@ -12,7 +14,7 @@ import torch
 import alt_ch1_feature_scaling as alt
 from chapter_suite import CatalogueSuite, CycleSuite
 from bn_reference import feature_scaling as ref
-from bn_reference.grading import CheckFailed
+from bn_reference.grading import INPUT_CHANGED, REFERENCE_USED, CheckFailed
 from bn_reference.grading import feature_scaling as grading
 
 SHAPES = [(50, 3), (2, 1), (7, 5), (300, 10)]
@@ -163,12 +165,15 @@ class TestGrading(CatalogueSuite):
     reference = ref
 
 
-def test_unknown_bug_reports_where_outputs_differ():
+def test_unknown_bug_reports_every_output_that_differs():
     def off_by_a_bit(X, y, w, b):
-        dw, db = ref.mse_gradient(X, y, w, b)
-        return dw * 1.01, db
-    with pytest.raises(CheckFailed, match=r"dw: \d+ of \d+ values differ; worst at index") as failure:
+        dw, db = alt.mse_gradient(X, y, w, b)
+        return dw * 1.01, db * 1.01
+    with pytest.raises(CheckFailed) as failure:
         grading.check_mse_gradient(off_by_a_bit)
+    message = str(failure.value)
+    assert re.search(r"dw: \d+ of \d+ values differ; worst at index", message)
+    assert re.search(r"db: expected \S+, got \S+ \(relative error 1.0e-02\)", message)
     assert failure.value.misconception is None
 
 
@@ -177,9 +182,31 @@ def test_stub_and_crash_get_clear_messages():
         raise NotImplementedError()
     with pytest.raises(CheckFailed, match="not implemented yet"):
         grading.check_hessian_condition_number(stub)
-    with pytest.raises(CheckFailed, match="raised ZeroDivisionError") as failure:
+    with pytest.raises(CheckFailed, match="hessian_condition_number raised ZeroDivisionError") as failure:
         grading.check_hessian_condition_number(lambda X: 1 / 0)
-    assert isinstance(failure.value.__cause__, ZeroDivisionError)
+    assert "lambda X: 1 / 0" in str(failure.value)  # the learner's own line
+
+
+def test_a_wrapped_reference_is_refused():
+    with pytest.raises(CheckFailed) as failure:
+        grading.check_mse_gradient(lambda X, y, w, b: ref.mse_gradient(X, y, w, b))
+    assert failure.value.misconception == REFERENCE_USED
+
+
+def test_changing_the_input_in_place_is_named():
+    def right_but_clears_x(X):
+        kappa = alt.hessian_condition_number(X)
+        X[:] = 0.0
+        return kappa
+    with pytest.raises(CheckFailed, match="changed its input X in place") as failure:
+        grading.check_hessian_condition_number(right_but_clears_x)
+    assert failure.value.misconception == INPUT_CHANGED
+
+
+def test_hidden_cases_keep_their_labels_hidden():
+    with pytest.raises(CheckFailed) as failure:
+        grading.check_standard_scaler(grading.STANDARD_SCALER_CATALOGUE[0].impl, hidden=True)
+    assert "hidden case 1 of" in str(failure.value) and "float64" not in str(failure.value)
 
 
 # --- the nbgrader cycle -------------------------------------------------------

@@ -14,7 +14,7 @@ import nbformat
 from chapter_suite import CatalogueSuite, CycleSuite
 from bn_reference import backprop as ref
 from bn_reference.benchmarks import backprop as bench
-from bn_reference.grading import CheckFailed
+from bn_reference.grading import INPUT_CHANGED, REFERENCE_USED, CheckFailed
 from bn_reference.grading import backprop as grading
 
 matplotlib.use("Agg")
@@ -172,6 +172,102 @@ def test_constant_statistics_gradient_moves_the_batch_mean():
     np.testing.assert_allclose(out_after, out_before, rtol=1e-12, atol=1e-12)
 
 
+# --- the spatial case (N, C, H, W) against PyTorch -----------------------------
+
+SPATIAL_SHAPES = [(2, 3, 4, 5), (1, 2, 3, 3), (8, 4, 2, 2), (3, 1, 1, 2)]
+
+
+def _spatial_layer(seed, shape, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    c = shape[1]
+    x = rng.normal(size=shape) * rng.uniform(0.3, 3, size=(1, c, 1, 1)) + rng.uniform(-3, 3, size=(1, c, 1, 1))
+    gamma = rng.uniform(0.5, 2, size=c) * rng.choice([-1.0, 1.0], size=c)
+    beta, dout = rng.normal(size=c), rng.normal(size=shape)
+    return [a.astype(dtype) for a in (x, gamma, beta, dout)]
+
+
+@pytest.mark.parametrize("shape", SPATIAL_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("eps", [1e-5, 0.1])
+def test_spatial_forward_and_backward_match_torch(shape, dtype, eps):
+    """F.batch_norm on a 4-D input normalizes per channel over (N, H, W); autograd gives the gradients."""
+    x, gamma, beta, dout = _spatial_layer(sum(shape), shape, dtype)
+    out, cache = ref.spatial_batchnorm_forward(x, gamma, beta, eps)
+    inputs, out_t = _torch(x, gamma, beta, eps)
+    _close(out, out_t.detach().numpy(), RTOL[dtype])
+    var_t, mu_t = torch.var_mean(torch.tensor(x), dim=(0, 2, 3), unbiased=False)
+    _close(cache["mu"], mu_t.numpy(), RTOL[dtype])
+    _close(cache["var"], var_t.numpy(), RTOL[dtype])
+    assert cache["x_hat"].shape == x.shape and cache["mu"].shape == (shape[1],) and out.dtype == dtype
+    terms = np.abs(gamma[None, :, None, None] * cache["inv_std"][None, :, None, None] * dout).max()
+    grads = ref.spatial_batchnorm_backward(dout, cache)
+    for ours, theirs in zip(grads, torch.autograd.grad(out_t, inputs, torch.tensor(dout))):
+        _close(ours, theirs.numpy(), RTOL[dtype], terms)
+
+
+def test_spatial_forward_matches_batchnorm2d_and_accepts_a_batch_of_one():
+    """nn.BatchNorm2d in training mode takes (1, C, H, W) when H*W > 1 and refuses N*H*W == 1."""
+    x, gamma, beta, _ = _spatial_layer(3, (1, 3, 4, 2))
+    layer = torch.nn.BatchNorm2d(3, eps=1e-3, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(gamma))
+        layer.bias.copy_(torch.tensor(beta))
+    _close(ref.spatial_batchnorm_forward(x, gamma, beta, 1e-3)[0], layer(torch.tensor(x)).detach().numpy(), 1e-10)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        layer(torch.ones((1, 3, 1, 1), dtype=torch.float64))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ref.spatial_batchnorm_forward(np.ones((1, 3, 1, 1)), gamma, beta)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2, 2), (1, 3, 2, 3)])
+def test_spatial_backward_passes_torch_gradcheck(shape):
+    class Spatial(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, gamma, beta):
+            out, ctx.cache = ref.spatial_batchnorm_forward(x.numpy(), gamma.numpy(), beta.numpy())
+            return torch.from_numpy(out)
+
+        @staticmethod
+        def backward(ctx, dout):
+            return tuple(torch.from_numpy(g) for g in ref.spatial_batchnorm_backward(dout.numpy(), ctx.cache))
+
+    x, gamma, beta, _ = (torch.tensor(a, requires_grad=True) for a in _spatial_layer(7 + sum(shape), shape))
+    assert torch.autograd.gradcheck(Spatial.apply, (x, gamma, beta), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+# --- the projection view of dx ------------------------------------------------
+
+@pytest.mark.parametrize("eps", [0.0, 1e-5, 0.3])
+def test_dx_is_gamma_s_times_the_matrix_p_applied_to_dout(eps):
+    """dx = gamma * s * P g per feature, P = I - 11^T/N - x_hat x_hat^T/N: P kills 1 for any eps;
+    on x_hat its eigenvalue is eps * s^2; with eps = 0 it is the orthogonal projection onto the
+    complement of span{1, x_hat}."""
+    x, gamma, beta, dout = _layer(77, (9, 3))
+    _, cache = ref.batchnorm_forward(x, gamma, beta, eps)
+    dx = ref.batchnorm_backward_compact(dout, cache)[0]
+    n = len(x)
+    for j in range(3):
+        x_hat, s = cache["x_hat"][:, j], cache["inv_std"][j]
+        P = np.eye(n) - np.ones((n, n)) / n - np.outer(x_hat, x_hat) / n
+        _close(dx[:, j], gamma[j] * s * P @ dout[:, j], 1e-12, np.abs(gamma[j] * s * dout[:, j]).max())
+        np.testing.assert_allclose(P @ np.ones(n), 0.0, atol=1e-14)
+        np.testing.assert_allclose(P @ x_hat, eps * s ** 2 * x_hat, atol=1e-13)
+        np.testing.assert_allclose(P, P.T)
+        if eps == 0.0:
+            np.testing.assert_allclose(P @ P, P, atol=1e-13)
+
+
+def test_a_small_step_keeps_the_mean_and_changes_the_spread_only_at_second_order():
+    """With eps = 0, x - lr * dx has the same mean (any lr) and a variance larger by lr^2 * var(dx)."""
+    x, gamma, beta, dout = _layer(78, (12, 2))
+    _, cache = ref.batchnorm_forward(x, gamma, beta, eps=0.0)
+    dx = ref.batchnorm_backward_compact(dout, cache)[0]
+    for lr in (1e-3, 1e-1, 1.0):
+        stepped = x - lr * dx
+        np.testing.assert_allclose(stepped.mean(axis=0), x.mean(axis=0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(stepped.var(axis=0) - x.var(axis=0), lr ** 2 * dx.var(axis=0), rtol=1e-8)
+
+
 # --- numerical gradient and rel_error ------------------------------------------
 
 @pytest.mark.parametrize("shape", [(2, 3), (5, 4)])
@@ -216,6 +312,7 @@ def test_cache_holds_the_documented_keys():
     np.testing.assert_allclose(cache["inv_std"], 1 / np.sqrt(x.var(axis=0) + 1e-3))
     np.testing.assert_allclose(cache["x_centered"], x - x.mean(axis=0))
     assert cache["eps"] == 1e-3
+    assert grading._CACHE_KEYS == ref.CACHE_KEYS  # the checks' own copy (run cannot read the reference)
 
 
 @pytest.mark.parametrize("call, message", [
@@ -225,6 +322,12 @@ def test_cache_holds_the_documented_keys():
     (lambda: ref.batchnorm_forward(np.ones((4, 3)), np.ones(3), np.zeros(3), eps=-1.0), "eps"),
     (lambda: ref.batchnorm_backward(np.ones((3, 3)), ref.batchnorm_forward(np.eye(4, 3), 1.0, 0.0)[1]), "dout"),
     (lambda: ref.batchnorm_backward_compact(np.ones(3), ref.batchnorm_forward(np.eye(4, 3), 1.0, 0.0)[1]), "dout"),
+    (lambda: ref.batchnorm_forward(np.ones((2, 3, 4, 4)), np.ones(3), np.zeros(3)), "spatial_batchnorm_forward"),
+    (lambda: ref.spatial_batchnorm_forward(np.ones((4, 3)), np.ones(3), np.zeros(3)), "4-D"),
+    (lambda: ref.spatial_batchnorm_forward(np.ones((2, 3, 2, 2)), np.ones(2), np.zeros(3)), "gamma must have shape"),
+    (lambda: ref.spatial_batchnorm_backward(np.ones((2, 3, 2, 1)),
+                                            ref.spatial_batchnorm_forward(np.eye(4).reshape(2, 2, 2, 2), 1.0, 0.0)[1]),
+     "dout"),
     (lambda: ref.numerical_gradient(np.tanh, np.ones(3), np.ones(3), h=0.0), "h must be > 0"),
     (lambda: ref.numerical_gradient(np.tanh, np.ones(3), np.ones(4)), "shape of f"),
     (lambda: ref.rel_error(np.ones(3), np.ones(4)), "same shape"),
@@ -241,6 +344,8 @@ class TestGrading(CatalogueSuite):
         "batchnorm_forward": grading.check_batchnorm_forward,
         "batchnorm_backward": grading.check_batchnorm_backward,
         "batchnorm_backward_compact": grading.check_batchnorm_backward_compact,
+        "spatial_batchnorm_forward": grading.check_spatial_batchnorm_forward,
+        "spatial_batchnorm_backward": grading.check_spatial_batchnorm_backward,
         "numerical_gradient": grading.check_numerical_gradient,
         "rel_error": grading.check_rel_error,
     }
@@ -252,13 +357,12 @@ class TestGrading(CatalogueSuite):
 CHECKS = TestGrading.checks
 
 
-@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
 @pytest.mark.parametrize("task", CHECKS)
-def test_the_reference_behind_a_wrapper_passes(task, hidden, capsys):
+def test_the_reference_behind_a_wrapper_is_refused(task):
     fn = getattr(ref, task)
-    CHECKS[task](lambda *args: fn(*args), hidden=hidden)
-    out, err = capsys.readouterr()
-    assert err == "" and "agree" in out
+    with pytest.raises(CheckFailed, match="runs the course's own code") as failure:
+        CHECKS[task](lambda *args: fn(*args))
+    assert failure.value.misconception == REFERENCE_USED
 
 
 def test_the_learners_own_cache_feeds_the_learners_backward():
@@ -272,10 +376,10 @@ def test_the_learners_own_cache_feeds_the_learners_backward():
 
 def test_forward_cache_problems_are_named():
     def no_cache_keys(x, gamma, beta, eps=1e-5):
-        return ref.batchnorm_forward(x, gamma, beta, eps)[0], {"x_hat": 0}
+        return alt.batchnorm_forward(x, gamma, beta, eps)[0], {"x_hat": 0}
 
     def keepdims_mu(x, gamma, beta, eps=1e-5):
-        out, cache = ref.batchnorm_forward(x, gamma, beta, eps)
+        out, cache = alt.batchnorm_forward(x, gamma, beta, eps)
         return out, {**cache, "mu": cache["mu"][None, :]}
 
     with pytest.raises(CheckFailed, match="cache lacks 'x_centered', 'mu'"):
@@ -289,29 +393,58 @@ def test_forward_cache_problems_are_named():
 def _looping_compact(dout, cache):
     dx = np.empty_like(dout)
     for j in range(dout.shape[1]):
-        dx[:, j] = ref.batchnorm_backward_compact(dout[:, j:j + 1], {k: v[..., j:j + 1] if np.ndim(v) else v
-                                                                      for k, v in cache.items()})[0][:, 0]
+        column = {k: v[..., j:j + 1] if np.ndim(v) else v for k, v in cache.items()}
+        dx[:, j] = alt.batchnorm_backward_compact(dout[:, j:j + 1], column)[0][:, 0]
     return dx, (dout * cache["x_hat"]).sum(axis=0), dout.sum(axis=0)
 
 
 def _builtin_sum_compact(dout, cache):
-    dx = ref.batchnorm_backward_compact(dout, cache)[0]
+    dx = alt.batchnorm_backward_compact(dout, cache)[0]
     return dx, sum(dout * cache["x_hat"]), dout.sum(axis=0)
 
 
-@pytest.mark.parametrize("impl, what", [(_looping_compact, "a for loop"), (_builtin_sum_compact, "built-in sum")])
+def _comprehension_compact(dout, cache):
+    dx, dgamma, _ = alt.batchnorm_backward_compact(dout, cache)
+    return dx, dgamma, np.array([column.sum() for column in dout.T])
+
+
+@pytest.mark.parametrize("impl, what", [(_looping_compact, "a for loop"), (_builtin_sum_compact, "built-in sum"),
+                                        (_comprehension_compact, "a list comprehension")])
 def test_compact_backward_with_a_python_loop_is_refused(impl, what):
     grading.check_batchnorm_backward(impl)  # correct values ...
     with pytest.raises(CheckFailed, match=what) as failure:  # ... but not the closed form
         grading.check_batchnorm_backward_compact(impl)
-    assert failure.value.misconception == "a Python loop in the compact backward pass"
+    assert failure.value.misconception == grading.LOOP_MISCONCEPTION
+
+
+def test_the_loop_check_reads_compiled_code_so_it_needs_no_source():
+    source = "def compact(dout, cache):\n    i = 0\n    while i < 0:\n        i += 1\n    return dout, dout, dout\n"
+    namespace = {}
+    exec(compile(source, "<no file>", "exec"), namespace)  # inspect.getsource would fail on it
+    assert grading._python_loop(namespace["compact"]) == "a while loop"
+    assert grading._python_loop(alt.batchnorm_backward_compact) is None
+    assert grading._python_loop(ref.batchnorm_backward_compact) is None
+
+
+def test_every_wrong_output_is_reported_and_the_first_one_named():
+    def keepdims_and_no_gamma(dout, cache):
+        dx, dgamma, dbeta = alt.batchnorm_backward(dout, {**cache, "gamma": np.ones_like(cache["gamma"])})
+        return dx, dgamma[None, :], dbeta[None, :]
+    with pytest.raises(CheckFailed) as failure:
+        grading.check_batchnorm_backward(keepdims_and_no_gamma)
+    message = str(failure.value)
+    assert failure.value.misconception == "dx is missing the factor gamma"
+    assert "- dx:" in message and "- dgamma: expected shape (4,), got shape (1, 4)" in message \
+        and "- dbeta: expected shape (4,), got shape (1, 4)" in message
 
 
 def test_unknown_bug_reports_where_outputs_differ():
     def off_by_a_bit(dout, cache):
-        dx, dgamma, dbeta = ref.batchnorm_backward(dout, cache)
+        dx, dgamma, dbeta = alt.batchnorm_backward(dout, cache)
         return dx * 1.001, dgamma, dbeta
-    with pytest.raises(CheckFailed, match=r"batchnorm_backward's dx is wrong.*\n.*dx: \d+ of \d+ values differ; worst at") as failure:
+    with pytest.raises(CheckFailed, match=r"batchnorm_backward is wrong on case.*\n.*\n +- dx: \d+ of \d+ values "
+                                          r"differ; worst at index \(\d+, \d+\): expected \S+, got \S+ "
+                                          r"\(relative error 1.0e-03\)") as failure:
         grading.check_batchnorm_backward(off_by_a_bit)
     assert failure.value.misconception is None
 
@@ -319,11 +452,36 @@ def test_unknown_bug_reports_where_outputs_differ():
 def test_stub_and_crash_get_clear_messages():
     def stub(dout, cache):
         raise NotImplementedError()
-    with pytest.raises(CheckFailed, match="not implemented yet"):
+    with pytest.raises(CheckFailed, match="batchnorm_backward is not implemented yet: the function"):
         grading.check_batchnorm_backward(stub)
-    with pytest.raises(CheckFailed, match="raised KeyError") as failure:
+    with pytest.raises(CheckFailed, match="^batchnorm_backward raised KeyError") as failure:  # the function, not dbeta
         grading.check_batchnorm_backward(lambda dout, cache: cache["x"])
-    assert isinstance(failure.value.__cause__, KeyError)
+    assert 'cache["x"]' in str(failure.value)  # the learner's own line
+
+
+def test_changing_the_cache_in_place_is_named():
+    def scales_x_hat_in_place(dout, cache):
+        grads = alt.batchnorm_backward(dout, cache)
+        cache["x_hat"] *= 2.0
+        return grads
+    with pytest.raises(CheckFailed, match=r"changed its input cache\['x_hat'\] in place") as failure:
+        grading.check_batchnorm_backward(scales_x_hat_in_place)
+    assert failure.value.misconception == INPUT_CHANGED
+
+
+def test_spatial_forward_rejecting_a_batch_of_one_fails():
+    def no_single_example(x, gamma, beta, eps=1e-5):
+        if x.shape[0] == 1:
+            raise ValueError("Expected more than 1 value per channel when training")
+        return alt.spatial_batchnorm_forward(x, gamma, beta, eps)
+    with pytest.raises(CheckFailed, match=r"raised ValueError.*\n  on case: x of shape \(1, 3, 4, 4\)"):
+        grading.check_spatial_batchnorm_forward(no_single_example)
+
+
+def test_hidden_cases_keep_their_labels_hidden():
+    with pytest.raises(CheckFailed) as failure:
+        grading.check_spatial_batchnorm_backward(grading.SPATIAL_BACKWARD_CATALOGUE[3].impl, hidden=True)
+    assert "hidden case" in str(failure.value) and "shape" not in str(failure.value).split("\n")[0]
 
 
 # --- the benchmark runs (its timings are reported, never asserted) ---------------
@@ -341,18 +499,23 @@ def test_benchmark_runs_and_draws():
 
 class TestNbgraderCycle(CycleSuite):
     slug = "ch4_backprop"
-    full_score = 10
-    stubs = 5
+    full_score = 13
+    stubs = 7
     buggy = {  # student -> patches of the model answers, and the misconception the grader must name
         "unbiased": ([("var = (x_centered ** 2).mean(axis=0)", "var = (x_centered ** 2).sum(axis=0) / (len(x) - 1)")],
                      "unbiased (N-1) batch variance in the forward pass"),
         "constants": ([("dx = dx_centered + dmu / n", "dx = dx_hat * inv_std")],
                       "dx computed with mu and sigma treated as constants (dx = gamma * dout / sigma)"),
+        "var_no_n": ([("dx_centered = dx_hat * inv_std + dvar * 2 * x_centered / n",
+                       "dx_centered = dx_hat * inv_std + dvar * 2 * x_centered")],
+                     "the path through the variance is missing its 1/N (dsigma2/dx_c = 2 x_c instead of 2 x_c / N)"),
         "loop": ([("    dx = gamma * inv_std / n * (n * dout - dbeta - x_hat * dgamma)",
                    "    dx = np.empty_like(dout)\n"
                    "    for j in range(dout.shape[1]):\n"
                    "        dx[:, j] = gamma[j] * inv_std[j] / n * (n * dout[:, j] - dbeta[j] - x_hat[:, j] * dgamma[j])")],
                  "a Python loop in the compact backward pass"),
+        "spatial_n": ([("m = dout.shape[0] * dout.shape[2] * dout.shape[3]", "m = dout.shape[0]")],
+                      "dx uses the batch size N where a channel has N*H*W values"),
         "one_sided": ([("x[k] = old - h\n", "x[k] = old\n"), ("grad[k] = (plus - minus) / (2 * h)", "grad[k] = (plus - minus) / h")],
                       "a one-sided (forward) difference"),
     }
@@ -363,5 +526,11 @@ class TestNbgraderCycle(CycleSuite):
         assert '"x_centered": x_centered' in forward
 
     def test_a_wrong_forward_costs_only_the_forward_test(self, cycle):
-        """The backward tests use the reference cache, so the error is not counted twice."""
+        """The backward tests use the reference cache and the spatial answers stand alone, so
+        the error is not counted twice."""
         assert cycle.scores["unbiased"][0] == self.full_score - 2
+
+    def test_the_try_it_cell_explains_dout_ones(self, cycle):
+        cells = nbformat.read(cycle.release, as_version=4).cells
+        try_it = next(c.source for c in cells if c.metadata.get("nbgrader", {}).get("grade_id") == "try_it")
+        assert "rel_error" in try_it and "rounding" in try_it

@@ -1,7 +1,9 @@
 """Chapter 5 - inference and running statistics: the reference against its
-oracles (torch.nn.BatchNorm1d/2d over seeded train/eval sequences,
-torch.nn.utils.fusion, torch.optim.swa_utils.update_bn, the paper's
-Algorithm 2), and the grading checks against the misconception catalogue."""
+oracles (torch.nn.BatchNorm1d/2d over seeded train/eval sequences, their
+dtypes, devices and batch-of-one behaviour, torch.nn.utils.fusion,
+torch.optim.swa_utils.update_bn, F.batch_norm in eval mode for frozen BN, the
+paper's Algorithm 2), and the grading checks against the misconception
+catalogue and against mistakes written as a learner would write them."""
 
 import contextlib
 import copy
@@ -141,15 +143,54 @@ def test_torch_module_repr_and_reset_follow_pytorch():
 
 @pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1)])
 def test_one_value_per_channel_raises_like_pytorch(shape):
+    """Training raises; like PyTorch, the failed step has already been counted."""
     x = torch.randn(shape)
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
-        _oracle(3, len(shape))(x)
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
-        ref.TorchBatchNorm(3)(x)
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
-        ref.BatchNorm(3).forward(x.numpy())
+    theirs, ours, numpy_layer = _oracle(3, len(shape)), ref.TorchBatchNorm(3), ref.BatchNorm(3)
+    for call in (lambda: theirs(x), lambda: ours(x), lambda: numpy_layer.forward(x.numpy())):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+            call()
+    assert theirs.num_batches_tracked.item() == ours.num_batches_tracked.item() == 1
+    assert numpy_layer.num_batches_tracked == 1
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
     torch.testing.assert_close(ref.TorchBatchNorm(3).eval()(x), _oracle(3, len(shape)).eval()(x))
     np.testing.assert_allclose(ref.BatchNorm(3).eval().forward(x.numpy()), x.numpy() / np.sqrt(1 + 1e-5))
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 2), (1, 3, 4, 5), (1, 3, 1, 2)])
+def test_a_batch_of_one_with_spatial_size_trains_like_pytorch(shape):
+    """The error is about N * L or N * H * W, not N: a batch of one image or sequence trains."""
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    theirs, ours = _oracle(3, len(shape), dtype=torch.float64), ref.TorchBatchNorm(3, dtype=torch.float64)
+    numpy_layer = ref.BatchNorm(3)
+    expected = theirs(x)
+    torch.testing.assert_close(ours(x), expected)
+    np.testing.assert_allclose(numpy_layer.forward(x.numpy()), expected.detach().numpy(), rtol=1e-10)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    np.testing.assert_allclose(numpy_layer.running_var, theirs.running_var.numpy(), rtol=1e-10)
+
+
+def test_eval_without_running_statistics_raises_like_pytorch():
+    """track_running_stats=False: eval mode normalizes with the batch's statistics, so one
+    value per channel raises there too (and nothing is counted: there is no counter)."""
+    x = torch.randn(1, 3)
+    for layer in (nn.BatchNorm1d(3, track_running_stats=False), ref.TorchBatchNorm(3, track_running_stats=False)):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+            layer.eval()(x)
+        assert layer.num_batches_tracked is None
+    with pytest.raises(ValueError, match="keeps no running statistics"):
+        ref.TorchBatchNorm(3, track_running_stats=False).eval()(x)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float64])
+def test_dtypes_and_devices_follow_pytorch(dtype):
+    """weight, bias, running_mean, running_var: the constructor's dtype and device;
+    num_batches_tracked: torch.long on that device ('meta' stands in for a GPU)."""
+    for device in ("cpu", "meta"):
+        ours = ref.TorchBatchNorm(4, dtype=dtype, device=device)
+        theirs = nn.BatchNorm2d(4, dtype=dtype, device=device)
+        placement = [(n, t.dtype, t.device) for n, t in [*ours.named_parameters(), *ours.named_buffers()]]
+        assert placement == [(n, t.dtype, t.device) for n, t in [*theirs.named_parameters(), *theirs.named_buffers()]]
+        assert ours.num_batches_tracked.dtype == torch.long and ours.num_batches_tracked.device.type == device
 
 
 # --- moving averages, Algorithm 2 -------------------------------------------
@@ -212,6 +253,8 @@ def test_fold_matches_torch_fusion_and_the_pair(kind, bias, dtype):
     fuse = fuse_linear_bn_eval if kind == "linear" else fuse_conv_bn_eval
     fused = fuse(copy.deepcopy(layer), copy.deepcopy(bn))
     assert type(folded) is type(layer) and folded is not layer
+    assert folded.weight.dtype == folded.bias.dtype == fused.weight.dtype == dtype  # the layer's dtype
+    assert folded.weight.device == fused.weight.device == layer.weight.device
     with torch.no_grad():
         _assert_close(folded.weight, fused.weight, DTYPES[dtype])
         _assert_close(folded.bias, fused.bias, DTYPES[dtype])
@@ -263,6 +306,46 @@ def test_recalibration_turns_dropout_off():
     ref.recalibrate_batchnorm(no_dropout, batches)
     for a, b in zip(ref.batchnorm_layers(model), ref.batchnorm_layers(no_dropout)):
         torch.testing.assert_close(a.running_var, b.running_var)
+
+
+def _fine_tune(model, steps=5, freeze=False, seed=0):
+    """A few SGD steps on the last layer, the model in training mode (BN frozen or not)."""
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    if freeze:
+        ref.freeze_batchnorm(model)
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    for bn in ref.batchnorm_layers(model):
+        for p in bn.parameters():
+            p.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(steps):
+        x = torch.randn(16, 5, generator=gen, dtype=torch.float64) * 3 + 2
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def test_freezing_bn_takes_eval_mode_not_only_requires_grad():
+    """requires_grad_(False) alone: the running statistics still move and the batch's statistics
+    normalize. freeze_batchnorm: the layer computes PyTorch's eval-mode batch norm and keeps its state."""
+    base, _ = _mlp(2)
+    grads_only = _fine_tune(copy.deepcopy(base))
+    frozen = _fine_tune(copy.deepcopy(base), freeze=True)
+    for before, moved, kept in zip(*(ref.batchnorm_layers(m) for m in (base, grads_only, frozen))):
+        assert not torch.allclose(moved.running_var, before.running_var)
+        assert moved.num_batches_tracked.item() == before.num_batches_tracked.item() + 5
+        assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), before.state_dict().values()))
+        assert not kept.training and not any(p.requires_grad for p in kept.parameters())
+        x = torch.randn(6, kept.num_features, *([1, 1] if isinstance(kept, nn.BatchNorm2d) else []),
+                        dtype=torch.float64)
+        expected = torch.nn.functional.batch_norm(x, before.running_mean, before.running_var, before.weight,
+                                                  before.bias, training=False, eps=before.eps)
+        torch.testing.assert_close(kept(x), expected)
+    assert ref.freeze_batchnorm(frozen.train()) and frozen[1].training is False  # again after train()
 
 
 def test_parameter_counts_match_keras_figures():
@@ -335,6 +418,13 @@ class _NumpyViewOfPyTorch:
         return value.item() if name == "num_batches_tracked" else value.detach().numpy().copy() \
             if torch.is_tensor(value) else value
 
+    def __setattr__(self, name, value):
+        if name in ("gamma", "beta"):
+            with torch.no_grad():
+                getattr(self.bn, {"gamma": "weight", "beta": "bias"}[name]).copy_(torch.as_tensor(value))
+        else:
+            super().__setattr__(name, value)
+
     def train(self):
         self.bn.train()
 
@@ -349,8 +439,8 @@ class _NumpyViewOfPyTorch:
 @pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
 def test_pytorchs_own_modules_pass_the_layer_checks(hidden, capsys, monkeypatch):
     """The checks' expectations are PyTorch's: its own module passes them
-    (with F.batch_norm allowed, which the check otherwise refuses)."""
-    monkeypatch.setattr(grading, "_without_builtin_batch_norm", contextlib.nullcontext)
+    (with its batch-norm kernel allowed, which the check otherwise refuses)."""
+    monkeypatch.setattr(grading, "_refusing_builtin_batch_norm", contextlib.nullcontext)
     grading.check_torch_batchnorm(_PyTorchsOwnBatchNorm, hidden=hidden)
     grading.check_batchnorm(_NumpyViewOfPyTorch, hidden=hidden)
     grading.check_fold_batchnorm(lambda layer, bn: (fuse_linear_bn_eval if isinstance(layer, nn.Linear)
@@ -360,10 +450,41 @@ def test_pytorchs_own_modules_pass_the_layer_checks(hidden, capsys, monkeypatch)
     assert capsys.readouterr().err == ""
 
 
-def test_pytorchs_own_batch_norm_is_refused_in_torch_batchnorm():
-    """nn.BatchNorm* is the oracle, not an answer: the check refuses it and restores F.batch_norm."""
+_SAVED_F_BATCH_NORM = torch.nn.functional.batch_norm  # saved before any check starts
+_SAVED_TORCH_BATCH_NORM = torch.batch_norm
+
+
+class _SavedReference(alt.TorchBatchNorm):
+    """Runs a reference to F.batch_norm or torch.batch_norm saved at import time."""
+
+    use_torch = False
+
+    def forward(self, x):
+        if self.use_torch:
+            return _SAVED_TORCH_BATCH_NORM(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                           True, 0.1, self.eps, False)
+        return _SAVED_F_BATCH_NORM(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                   self.training or self.running_mean is None, self.momentum or 0.0, self.eps)
+
+
+class _TriesTheKernelFirst(alt.TorchBatchNorm):
+    """Tries PyTorch's kernel, and computes it by hand when that is refused."""
+
+    def forward(self, x):
+        try:
+            return _SAVED_F_BATCH_NORM(x, None, None, training=True)
+        except Exception:
+            return super().forward(x)
+
+
+@pytest.mark.parametrize("cls", [_PyTorchsOwnBatchNorm, _SavedReference,
+                                 type("_SavedTorch", (_SavedReference,), {"use_torch": True}), _TriesTheKernelFirst])
+def test_pytorchs_own_batch_norm_is_refused_in_torch_batchnorm(cls):
+    """nn.BatchNorm* is the oracle, not an answer: the check refuses PyTorch's kernel however it is
+    reached (a reference saved before the check, an attempt caught by the learner's code), from inside
+    its run function, and leaves PyTorch working afterwards."""
     with pytest.raises(CheckFailed, match="compute the mean, the variance") as failure:
-        grading.check_torch_batchnorm(_PyTorchsOwnBatchNorm)
+        grading.check_torch_batchnorm(cls)
     assert failure.value.misconception == grading.BUILTIN_BATCH_NORM
     assert torch.nn.functional.batch_norm.__module__ == "torch.nn.functional"
     nn.BatchNorm1d(3)(torch.randn(4, 3))
@@ -391,9 +512,79 @@ def test_stub_and_crash_get_clear_messages():
         raise NotImplementedError()
     with pytest.raises(CheckFailed, match="not implemented yet"):
         grading.check_bn_parameter_counts(stub)
-    with pytest.raises(CheckFailed, match="raised ZeroDivisionError") as failure:
+    with pytest.raises(CheckFailed, match="population_statistics raised ZeroDivisionError") as failure:
         grading.check_population_statistics(lambda means, variances, m: 1 / 0)
-    assert isinstance(failure.value.__cause__, ZeroDivisionError)
+    assert "on case: 6 mini-batches" in str(failure.value)
+
+
+def _fold_without_dtype(layer, bn):
+    """A natural answer that builds the new layer without dtype=: float32."""
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    folded = (nn.Linear(layer.in_features, layer.out_features) if isinstance(layer, nn.Linear) else
+              nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                        padding=layer.padding, dilation=layer.dilation, groups=layer.groups))
+    bias = layer.bias.detach() if layer.bias is not None else 0.0
+    with torch.no_grad():
+        folded.weight.copy_(layer.weight * scale.view(-1, *[1] * (layer.weight.dim() - 1)))
+        folded.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    return folded
+
+
+def test_errors_of_the_checks_own_calls_are_attributed_to_them():
+    """A float32 folded layer makes the check's own call folded(x) fail: the message says that
+    call failed and why (the dtype), not that fold_batchnorm raised. Likewise an output without an
+    autograd graph makes the check's backward pass fail, and the message says so."""
+    with pytest.raises(CheckFailed) as failure:
+        grading.check_fold_batchnorm(_fold_without_dtype)
+    message = str(failure.value)
+    assert failure.value.misconception == grading.FOLD_CATALOGUE[-1].name and "dtype=layer.weight.dtype" in message
+    assert "the check's call folded(x)" in message and "fold_batchnorm raised" not in message
+
+    class Detached(alt.TorchBatchNorm):
+        def forward(self, x):
+            with torch.no_grad():
+                return super().forward(x)
+    with pytest.raises(CheckFailed, match="not connected to its input by autograd") as failure:
+        grading.check_torch_batchnorm(Detached)
+    assert "TorchBatchNorm raised" not in str(failure.value)
+
+
+class _RejectsEveryBatchOfOne(alt.BatchNorm):
+    def forward(self, x):
+        if self.training and np.shape(x)[0] == 1:
+            raise ValueError("Expected more than 1 value per channel when training")
+        return super().forward(x)
+
+
+class _IgnoresGammaAndBeta(alt.BatchNorm):
+    def forward(self, x):
+        saved, (self.gamma, self.beta) = (self.gamma, self.beta), (np.ones_like(self.gamma), np.zeros_like(self.beta))
+        try:
+            return super().forward(x)
+        finally:
+            self.gamma, self.beta = saved
+
+
+def _restores_one_flag(model, batches):
+    """Recalibration that restores model.train(flag) instead of each module's own mode."""
+    flag = model.training
+    alt.recalibrate_batchnorm(model, batches)
+    return model.train(flag)
+
+
+@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
+@pytest.mark.parametrize("check, wrong, name", [
+    (grading.check_batchnorm, _RejectsEveryBatchOfOne,
+     "every training batch of one refused, also when a channel has more than one value"),
+    (grading.check_batchnorm, _IgnoresGammaAndBeta, "gamma and beta never applied"),
+    (grading.check_recalibrate_batchnorm, _restores_one_flag,
+     "one train/eval flag restored for the whole model instead of each module's own"),
+], ids=["batch of one", "gamma and beta", "one flag"])
+def test_learners_mistakes_that_used_to_pass_are_named(check, wrong, name, hidden):
+    """Written as a learner would, not taken from the catalogue: each used to pass the checks."""
+    with pytest.raises(CheckFailed) as failure:
+        check(wrong, hidden=hidden)
+    assert failure.value.misconception == name
 
 
 # --- the nbgrader cycle -------------------------------------------------------
@@ -419,4 +610,11 @@ class TestNbgraderCycle(CycleSuite):
         "buffers_not_counted": (
             [("non_trainable += m.running_mean.numel() + m.running_var.numel()", "pass")],
             "running mean and variance not counted"),
+        "eval_without_gamma_beta": (
+            [("return self.gamma.reshape(shape) * x_hat + self.beta.reshape(shape)",
+              "return self.gamma.reshape(shape) * x_hat + self.beta.reshape(shape) if self.training else x_hat")],
+            "gamma and beta ignored in eval mode"),
+        "one_flag_restored": (
+            [("    for m, training in modes:\n        m.training = training", "    model.train(modes[0][1])")],
+            "one train/eval flag restored for the whole model instead of each module's own"),
     }

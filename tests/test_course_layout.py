@@ -4,11 +4,14 @@ prefix) its bn_reference module and grading module."""
 
 import importlib
 import re
+import subprocess
 from pathlib import Path
 
 import nbformat
 import pytest
 import yaml
+
+from nbgrader_cycle import make_course
 
 ROOT = Path(__file__).resolve().parents[1]
 SLUGS = sorted(p.name for p in (ROOT / "solutions").iterdir() if p.is_dir())
@@ -37,3 +40,20 @@ def test_exercise_installs_the_course_package_from_the_configured_repository(slu
     nb = nbformat.read(ROOT / "exercises" / slug / f"{slug}.ipynb", as_version=4)
     first_code = next(c for c in nb.cells if c.cell_type == "code")
     assert f"git+{CONFIG['repository']['url']}" in first_code.source
+
+
+
+def test_a_fork_only_sets_its_repository_url(tmp_path):
+    """A regenerated exercise installs the course package from _config.yml's repository.url."""
+    fork = (ROOT / "_config.yml").read_text().replace(CONFIG["repository"]["url"], "https://github.com/someone/a-fork")
+    course = make_course(tmp_path, [SLUGS[0]], book_config=fork)
+    nb = nbformat.read(course / "exercises" / SLUGS[0] / f"{SLUGS[0]}.ipynb", as_version=4)
+    first_code = next(c for c in nb.cells if c.cell_type == "code")
+    assert "git+https://github.com/someone/a-fork" in first_code.source
+
+
+@pytest.mark.parametrize("path", ["downloaded/x.zip", "submitted/s/ch1/a.ipynb", "autograded/s/a.ipynb",
+                                  "feedback/s/a.html", "reports/ch1/grades.csv", "gradebook.db", "class.zip"])
+def test_student_data_is_never_committed(path):
+    """Every folder the class grader fills with student work is ignored by git."""
+    assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, path

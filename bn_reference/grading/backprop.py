@@ -7,51 +7,72 @@ the catalogue's wrong implementations reproduces the learner's output.
 ``hidden=True`` runs the grader's own cases (other seeds, more shapes).
 
 The backward checks feed the learner's functions a cache made by the
-*reference* forward pass, so a wrong forward pass cannot fail them; the
-forward check in turn verifies that the learner's cache holds the same keys
-(``bn_reference.backprop.CACHE_KEYS``) and values, so that in the notebook the
-learner's backward functions can read the learner's own cache just as well.
-Outputs are checked one at a time (``out`` before the cache; dbeta, dgamma,
-then dx), so each message is about one quantity.
+*reference* forward pass (built with the cases, outside ``run``), so a wrong
+forward pass cannot fail them; the forward checks in turn compare the
+learner's cache (``bn_reference.backprop.CACHE_KEYS``) with the reference's,
+so that in the notebook the learner's backward functions can read the
+learner's own cache just as well. Each check compares all of a function's
+outputs at once (``out`` and the cache; dx, dgamma and dbeta), so a failure
+lists every output that differs.
+
+The ``_run_*`` functions are the only code that touches the learner's function
+(the class grader runs them in its sandbox): they pass the case's arrays to it
+unchanged, read its code there (the closed-form check), and return plain data.
 """
 
 from __future__ import annotations
 
-import ast
-import inspect
-import textwrap
+import dis
+import types
 from collections.abc import Mapping
 from functools import partial
 
 import numpy as np
 
 from .. import backprop as ref
-from . import Case, CheckFailed, Misconception, run_check, report_pass
+from . import Case, CheckFailed, Misconception, report_pass, run_check
 
 __all__ = [
     "check_batchnorm_forward",
     "check_batchnorm_backward",
     "check_batchnorm_backward_compact",
+    "check_spatial_batchnorm_forward",
+    "check_spatial_batchnorm_backward",
     "check_numerical_gradient",
     "check_rel_error",
     "CATALOGUE",
 ]
 
+_CACHE_KEYS = ("x_centered", "x_hat", "mu", "var", "inv_std", "gamma", "eps")  # = ref.CACHE_KEYS (tested)
+
 
 # --------------------------------------------------------------------------
 # Wrong implementations, each a switchable variation of otherwise right code.
 
-def _forward(x, gamma, beta, eps=1e-5, ddof=0, eps_inside=True, axis=0, eps_used=True):
-    """Algorithm 1 with switchable mistakes; returns (out, {}): only out is compared."""
+def _forward(x, gamma, beta, eps=1e-5, ddof=0, eps_mode="inside", axis=0):
+    """Algorithm 1 with switchable mistakes; returns (out, cache) with the cache's keys.
+
+    ``eps_mode``: "inside" sqrt(var + eps) (right), "outside" sqrt(var) + eps,
+    "none" (eps left out), "fixed" (1e-5 whatever eps is given).
+    """
     x = np.asarray(x)
-    eps = eps if eps_used else 1e-5
+    used = {"none": 0.0, "fixed": 1e-5}.get(eps_mode, eps)
     mu = x.mean(axis=axis, keepdims=True)
-    var = x.var(axis=axis, ddof=ddof, keepdims=True)
-    x_hat = (x - mu) / (np.sqrt(var + eps) if eps_inside else np.sqrt(var) + eps)
-    return gamma * x_hat + beta, {}
+    x_centered = x - mu
+    var = (x_centered ** 2).sum(axis=axis, keepdims=True) / (x.shape[axis] - ddof)
+    std = np.sqrt(var) + used if eps_mode == "outside" else np.sqrt(var + used)
+    x_hat = x_centered / std
+    cache = {"x_centered": x_centered, "x_hat": x_hat, "mu": np.squeeze(mu, axis), "var": np.squeeze(var, axis),
+             "inv_std": np.squeeze(1.0 / std, axis), "gamma": gamma, "eps": eps}
+    return gamma * x_hat + beta, cache
 
 
 FORWARD_CATALOGUE = [
+    Misconception(
+        "eps left out of the normalization",
+        "normalize by sqrt(var + eps) (Algorithm 1): without eps a constant feature gives 0 / 0 = nan, "
+        "and every feature is off by the factor sqrt(var / (var + eps)).",
+        partial(_forward, eps_mode="none")),
     Misconception(
         "unbiased (N-1) batch variance in the forward pass",
         "Algorithm 1 divides by N (the biased variance): use x.var(axis=0), whose default is ddof=0. "
@@ -60,7 +81,7 @@ FORWARD_CATALOGUE = [
     Misconception(
         "eps added outside the square root",
         "normalize by sqrt(var + eps), not sqrt(var) + eps (Algorithm 1).",
-        partial(_forward, eps_inside=False)),
+        partial(_forward, eps_mode="outside")),
     Misconception(
         "statistics over the feature axis instead of the batch axis (that is layer normalization)",
         "batch normalization averages over the examples: mean and var with axis=0, one value per feature.",
@@ -68,12 +89,52 @@ FORWARD_CATALOGUE = [
     Misconception(
         "the eps argument is ignored (a fixed 1e-5 is used)",
         "use the eps passed to the function in sqrt(var + eps); 1e-5 is only its default.",
-        partial(_forward, eps_used=False)),
+        partial(_forward, eps_mode="fixed")),
 ]
 
 
-def _backward(dout, cache, reduce="sum", constant_stats=False, mean_path=True, var_path=True, with_gamma=True):
-    """Backward pass with switchable mistakes; returns (dx, dgamma, dbeta)."""
+def _spatial_forward(x, gamma, beta, eps=1e-5, mode="per_activation"):
+    """Spatial BN with one switchable mistake; returns (out, cache) like the reference."""
+    x = np.asarray(x)
+    c = x.shape[1]
+    if mode == "no_transpose":  # (N, C, H, W) -> (N*H*W, C) by reshape alone: channels get mixed
+        out, cache = _forward(x.reshape(-1, c), gamma, beta, eps)
+        cache.update(x_centered=cache["x_centered"].reshape(x.shape), x_hat=cache["x_hat"].reshape(x.shape))
+        return out.reshape(x.shape), cache
+    axes = (0,) if mode == "per_activation" else (2, 3)  # per activation, or per example (instance norm)
+    mu = x.mean(axis=axes, keepdims=True)
+    x_centered = x - mu
+    var = (x_centered ** 2).mean(axis=axes, keepdims=True)
+    x_hat = x_centered / np.sqrt(var + eps)
+    cache = {"x_centered": x_centered, "x_hat": x_hat, "mu": np.squeeze(mu, axes), "var": np.squeeze(var, axes),
+             "inv_std": np.squeeze(1.0 / np.sqrt(var + eps), axes), "gamma": gamma, "eps": eps}
+    return gamma.reshape(1, c, 1, 1) * x_hat + beta.reshape(1, c, 1, 1), cache
+
+
+SPATIAL_FORWARD_CATALOGUE = [
+    Misconception(
+        "statistics per activation (over N only), as for a fully connected layer",
+        "a convolutional layer's BN has one mean and variance per channel, over the N examples and all "
+        "H*W positions (Sec. 3.2): reduce over the axes (0, 2, 3).",
+        partial(_spatial_forward, mode="per_activation")),
+    Misconception(
+        "x reshaped to (N*H*W, C) without moving the channel axis last",
+        "x.reshape(-1, C) mixes channels, because C is not the last axis: move it there first, "
+        "x.transpose(0, 2, 3, 1).reshape(-1, C), and undo both steps afterwards; or reduce over axes (0, 2, 3).",
+        partial(_spatial_forward, mode="no_transpose")),
+    Misconception(
+        "statistics per example and channel over (H, W) (that is instance normalization)",
+        "batch normalization also averages over the examples: reduce over the axes (0, 2, 3), not (2, 3).",
+        partial(_spatial_forward, mode="instance")),
+]
+
+
+def _backward(dout, cache, reduce="sum", constant_stats=False, mean_path=True, var_scale=1.0, with_gamma=True):
+    """Backward pass with switchable mistakes; returns (dx, dgamma, dbeta).
+
+    ``var_scale`` multiplies the variance path's term: N when its 1/N is missing,
+    N / (N - 1) when it differentiates the unbiased variance.
+    """
     dout = np.asarray(dout)
     x_hat, inv_std = cache["x_hat"], cache["inv_std"]
     gamma = cache["gamma"] if with_gamma else 1.0
@@ -82,12 +143,25 @@ def _backward(dout, cache, reduce="sum", constant_stats=False, mean_path=True, v
     if constant_stats:
         dx = gamma * inv_std * dout
     else:
-        dx = (gamma * inv_std / n) * (n * dout - mean_path * dbeta - var_path * x_hat * dgamma)
+        dx = (gamma * inv_std / n) * (n * dout - mean_path * dbeta - var_scale * x_hat * dgamma)
     if reduce == "none":
         dbeta, dgamma = dout, dout * x_hat
     elif reduce == "mean":
         dbeta, dgamma = dbeta / n, dgamma / n
+    elif reduce == "keepdims":
+        dbeta, dgamma = dbeta[None, :], dgamma[None, :]
     return dx, dgamma, dbeta
+
+
+def _var_path_without_1_over_n(dout, cache):
+    """The staged backward with d(sigma2)/d(x_c) = 2 x_c instead of 2 x_c / N."""
+    return _backward(dout, cache, var_scale=np.shape(dout)[0])
+
+
+def _var_path_unbiased(dout, cache):
+    """The variance path of the unbiased variance, d/dx_c of sum(x_c^2) / (N - 1)."""
+    n = np.shape(dout)[0]
+    return _backward(dout, cache, var_scale=n / (n - 1))
 
 
 BACKWARD_CATALOGUE = [
@@ -101,6 +175,11 @@ BACKWARD_CATALOGUE = [
         "the loss depends on gamma through all N outputs: sum the per-example terms, do not divide by N.",
         partial(_backward, reduce="mean")),
     Misconception(
+        "dgamma and dbeta have shape (1, D) instead of (D,)",
+        "gamma and beta have shape (D,), and so must their gradients: sum with axis=0 and without "
+        "keepdims=True (or reshape the result to (D,)).",
+        partial(_backward, reduce="keepdims")),
+    Misconception(
         "dx computed with mu and sigma treated as constants (dx = gamma * dout / sigma)",
         "mu and sigma2 are computed from the whole batch, so every x_i also changes them: add the paths "
         "through mu and sigma2 (Sec. 3), which gives "
@@ -110,7 +189,17 @@ BACKWARD_CATALOGUE = [
         "dx is missing the x_hat * sum(dout * x_hat) term (the path through the variance)",
         "x_i also changes sigma2: include dl/dsigma2 * dsigma2/dx_i, which contributes "
         "-gamma / (N sigma) * x_hat * sum(dout * x_hat).",
-        partial(_backward, var_path=False)),
+        partial(_backward, var_scale=0.0)),
+    Misconception(
+        "the path through the variance is missing its 1/N (dsigma2/dx_c = 2 x_c instead of 2 x_c / N)",
+        "sigma2 = (1/N) sum_i x_c,i^2, so dsigma2/dx_c,i = 2 x_c,i / N: the second path into x_c is "
+        "dvar * 2 * x_centered / N (without the 1/N that term is N times too large).",
+        _var_path_without_1_over_n),
+    Misconception(
+        "the path through the variance divides by N - 1 (the unbiased variance's derivative)",
+        "the forward pass divides by N (Algorithm 1), so dsigma2/dx_c,i = 2 x_c,i / N; N - 1 belongs to a "
+        "layer that normalizes with the unbiased variance (as makemore does), not to this one.",
+        _var_path_unbiased),
     Misconception(
         "dx is missing the -sum(dout) term (the path through the mean)",
         "x_i also changes mu: include dl/dmu * dmu/dx_i = dl/dmu / N, which contributes "
@@ -123,10 +212,73 @@ BACKWARD_CATALOGUE = [
 ]
 
 
+def _looping_compact(dout, cache):
+    """The closed form, one feature at a time: right values, not the closed form the task asks for."""
+    n, d = np.shape(dout)
+    dx, dgamma, dbeta = np.empty((n, d)), np.empty(d), np.empty(d)
+    for j in range(d):
+        g, x_hat = dout[:, j], cache["x_hat"][:, j]
+        dbeta[j], dgamma[j] = g.sum(), (g * x_hat).sum()
+        dx[:, j] = cache["gamma"][j] * cache["inv_std"][j] / n * (n * g - dbeta[j] - x_hat * dgamma[j])
+    return dx, dgamma, dbeta
+
+
+LOOP_MISCONCEPTION = "a Python loop in the compact backward pass"
+LOOP_FIX = ("write the closed form with whole-array NumPy operations (dout.sum(axis=0), broadcasting), "
+            "with no loop over examples or features.")
+
+COMPACT_CATALOGUE = [*BACKWARD_CATALOGUE, Misconception(LOOP_MISCONCEPTION, LOOP_FIX, _looping_compact)]
+
+
+def _spatial_backward(dout, cache, mode="no_transpose"):
+    """Spatial backward with one switchable mistake; returns (dx, dgamma, dbeta)."""
+    dout = np.asarray(dout)
+    n, c, h, w = dout.shape
+    x_hat = cache["x_hat"]
+    if mode == "no_transpose":
+        dx, dgamma, dbeta = _backward(dout.reshape(-1, c), {**cache, "x_hat": x_hat.reshape(-1, c)})
+        return dx.reshape(dout.shape), dgamma, dbeta
+    axes, m = (0, 2, 3), (n if mode == "count_n" else n * h * w)
+    scale = (cache["gamma"] * cache["inv_std"]).reshape(1, c, 1, 1) / m
+    dbeta, dgamma = dout.sum(axis=axes, keepdims=True), (dout * x_hat).sum(axis=axes, keepdims=True)
+    dx = scale * (m * dout - dbeta - x_hat * dgamma)
+    if mode == "per_position":
+        return dx, (dout * x_hat).sum(axis=0), dout.sum(axis=0)
+    if mode == "keepdims":
+        return dx, dgamma, dbeta
+    return dx, dgamma.reshape(c), dbeta.reshape(c)
+
+
+SPATIAL_BACKWARD_CATALOGUE = [
+    Misconception(
+        "dout and the cache reshaped to (N*H*W, C) without moving the channel axis last",
+        "x.reshape(-1, C) mixes channels, because C is not the last axis: move it there first, "
+        "a.transpose(0, 2, 3, 1).reshape(-1, C), and undo both steps for dx; or reduce over axes (0, 2, 3).",
+        partial(_spatial_backward, mode="no_transpose")),
+    Misconception(
+        "dgamma and dbeta are summed over N only (one value per position, shape (C, H, W))",
+        "gamma and beta are shared by every example and every position of a channel: "
+        "sum over the axes (0, 2, 3), giving shape (C,).",
+        partial(_spatial_backward, mode="per_position")),
+    Misconception(
+        "dgamma and dbeta have shape (1, C, 1, 1) instead of (C,)",
+        "sum with axis=(0, 2, 3) without keepdims=True (or reshape the result to (C,)): gamma and beta "
+        "have shape (C,).",
+        partial(_spatial_backward, mode="keepdims")),
+    Misconception(
+        "dx uses the batch size N where a channel has N*H*W values",
+        "each channel's mean and variance are taken over M = N*H*W values, so the closed form's N "
+        "becomes M: dx = gamma / (M sigma) * (M dout - sum(dout) - x_hat * sum(dout * x_hat)).",
+        partial(_spatial_backward, mode="count_n")),
+]
+
+
 def _numgrad(f, x, dout, h=1e-5, step="central", restore=True, use_dout=True, own_dtype=False):
     """Finite-difference gradient of sum(f(x) * dout) with switchable mistakes."""
     x = np.array(x) if own_dtype else np.array(x, dtype=np.float64)
     weight = np.asarray(dout, dtype=np.float64) if use_dout else 1.0
+    if step == "all_at_once":  # every element moved together: one directional derivative, copied everywhere
+        return np.full(x.shape, (np.sum(f(x + h) * weight) - np.sum(f(x - h) * weight)) / (2 * h))
     grad = np.zeros(x.shape)
     for k in np.ndindex(x.shape):
         old = x[k]
@@ -169,22 +321,28 @@ NUMERICAL_GRADIENT_CATALOGUE = [
         "weight the outputs by dout before summing: L = np.sum(f(x) * dout).",
         partial(_numgrad, use_dout=False)),
     Misconception(
+        "all elements of x are perturbed at once (x + h instead of x + h e_k)",
+        "perturb one element at a time: for each index k, set x[k] = old + h, then old - h, then put "
+        "old back; x + h moves every element and measures one directional derivative.",
+        partial(_numgrad, step="all_at_once")),
+    Misconception(
         "x is not restored after perturbing an element",
         "put the old value back (x[k] = old) before moving to the next element.",
         partial(_numgrad, restore=False)),
     Misconception(
         "the differences are taken in float32 (x's own dtype)",
-        "work on a float64 copy, x = np.array(x, dtype=np.float64): float32 resolves about 1e-7 "
-        "relative, so x + h with h = 1e-5 is rounded and L(x + h) - L(x - h) is mostly rounding noise.",
+        "work on a float64 copy, x = np.array(x, dtype=np.float64): float32 rounds each L(x + h) and "
+        "L(x - h) to about 1e-7 of its size, and divided by 2 h = 2e-5 that noise is about 0.6 % of "
+        "the size of L in every entry of the gradient.",
         partial(_numgrad, own_dtype=True)),
 ]
 
 
-def _rel_error(a, b, reduce=np.max, floor=1e-8, ratio_of_max=False, symmetric=True):
+def _rel_error(a, b, reduce=np.max, floor=1e-8, ratio_of_max=False, symmetric=True, abs_of_sum=False):
     """rel_error with switchable mistakes."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     diff = np.abs(a - b)
-    scale = np.abs(a) + np.abs(b) if symmetric else np.abs(a)
+    scale = np.abs(a + b) if abs_of_sum else (np.abs(a) + np.abs(b) if symmetric else np.abs(a))
     if ratio_of_max:
         return float(diff.max() / max(scale.max(), floor))
     return float(reduce(diff / (np.maximum(scale, floor) if floor else scale)))
@@ -208,12 +366,19 @@ REL_ERROR_CATALOGUE = [
         "divides by |a| only (the error is not symmetric in a and b)",
         "divide by |a| + |b| (floored at 1e-8), so rel_error(a, b) == rel_error(b, a).",
         partial(_rel_error, symmetric=False)),
+    Misconception(
+        "divides by |a + b| instead of |a| + |b|",
+        "take the absolute values first, np.abs(a) + np.abs(b): where a and b have opposite signs "
+        "|a + b| is small (or 0) and the ratio explodes.",
+        partial(_rel_error, abs_of_sum=True)),
 ]
 
 CATALOGUE = {
     "batchnorm_forward": FORWARD_CATALOGUE,
     "batchnorm_backward": BACKWARD_CATALOGUE,
-    "batchnorm_backward_compact": BACKWARD_CATALOGUE,
+    "batchnorm_backward_compact": COMPACT_CATALOGUE,
+    "spatial_batchnorm_forward": SPATIAL_FORWARD_CATALOGUE,
+    "spatial_batchnorm_backward": SPATIAL_BACKWARD_CATALOGUE,
     "numerical_gradient": NUMERICAL_GRADIENT_CATALOGUE,
     "rel_error": REL_ERROR_CATALOGUE,
 }
@@ -221,20 +386,25 @@ CATALOGUE = {
 
 # --------------------------------------------------------------------------
 # Cases. Visible seeds are 0..; hidden seeds start at 1000 and add shapes.
-# Data are random, never uniform: dout = ones would make dx exactly 0.
+# Data are random, never uniform: dout = ones would make dx exactly 0; gamma
+# and beta are away from 1 and 0 (gamma of both signs), eps takes non-default
+# values, and there are batches of 2, constant features and float32 inputs.
 
 _F32 = {"rtol": 1e-4, "atol": 1e-4}  # float32 resolves about 1e-7; the data are O(1)
 
 
-def _layer(rng, n, d, dtype=np.float64, spread=None):
-    """x (n, d) whose features have different means and spreads, gamma (both signs, away
-    from 1) and beta (d,), and a random dout (n, d) with a per-feature offset."""
-    loc = rng.uniform(-3, 3, size=d)
-    scale = rng.uniform(0.3, 3, size=d) if spread is None else spread
-    x = rng.normal(size=(n, d)) * scale + loc
+def _layer(rng, shape, dtype=np.float64, spread=None):
+    """x of ``shape`` (axis 1 = features or channels) with per-feature means and spreads,
+    gamma (both signs, away from 1) and beta of shape (shape[1],), and a random dout
+    shaped like x with a per-feature offset."""
+    d = shape[1]
+    per_feature = (1, d) + (1,) * (len(shape) - 2)
+    loc = rng.uniform(-3, 3, size=d).reshape(per_feature)
+    scale = (rng.uniform(0.3, 3, size=d) if spread is None else np.full(d, spread)).reshape(per_feature)
+    x = rng.normal(size=shape) * scale + loc
     gamma = rng.uniform(0.5, 2, size=d) * rng.choice([-1.0, 1.0], size=d)
     beta = rng.normal(size=d)
-    dout = rng.normal(size=(n, d)) + rng.normal(size=d)
+    dout = rng.normal(size=shape) + rng.normal(size=d).reshape(per_feature)
     return {k: v.astype(dtype) for k, v in {"x": x, "gamma": gamma, "beta": beta, "dout": dout}.items()}
 
 
@@ -242,126 +412,169 @@ def _bn_cases(hidden: bool):
     """Cases shared by the forward and backward checks (each with its dout)."""
     rng = np.random.default_rng(1000 if hidden else 0)
     shapes = [(16, 4), (2, 3), (7, 1)] + ([(64, 10), (3, 5)] if hidden else [])
-    cases = [Case(f"x {n} x {d} float64, default eps", {**_layer(rng, n, d), "eps": None}) for n, d in shapes]
+    cases = [Case(f"x {n} x {d} float64, default eps", {**_layer(rng, (n, d)), "eps": None}) for n, d in shapes]
     cases.append(Case("x 10 x 3 float64 with a tiny spread (std 0.01), eps=1e-3",
-                      {**_layer(rng, 10, 3, spread=0.01), "eps": 1e-3}))
-    data = _layer(rng, 12, 3)
+                      {**_layer(rng, (10, 3), spread=0.01), "eps": 1e-3}))
+    data = _layer(rng, (12, 3))
     data["x"][:, 1] = 2.5  # a constant feature, exactly representable so its variance is exactly 0
     cases.append(Case("x 12 x 3 float64 whose 2nd feature is constant, default eps", {**data, "eps": None}))
-    cases.append(Case("x 32 x 6 float32, default eps", {**_layer(rng, 32, 6, np.float32), "eps": None, **_F32}))
+    cases.append(Case("x 32 x 6 float32, default eps", {**_layer(rng, (32, 6), np.float32), "eps": None, **_F32}))
     if hidden:
-        cases.append(Case("x 2 x 4 float32, eps=0.1", {**_layer(rng, 2, 4, np.float32), "eps": 0.1, **_F32}))
-        cases.append(Case("x 40 x 2 float64, eps=0.5", {**_layer(rng, 40, 2), "eps": 0.5}))
+        cases.append(Case("x 2 x 4 float32, eps=0.1", {**_layer(rng, (2, 4), np.float32), "eps": 0.1, **_F32}))
+        cases.append(Case("x 40 x 2 float64, eps=0.5", {**_layer(rng, (40, 2)), "eps": 0.5}))
     return cases
 
 
-def _call_forward(fn, case):
+def _spatial_cases(hidden: bool):
+    """(N, C, H, W) cases: a batch of one example with H*W > 1 (PyTorch accepts it), a
+    constant channel, float32, non-default eps."""
+    rng = np.random.default_rng(1005 if hidden else 5)
+    settings = [((4, 3, 5, 2), np.float64, None), ((2, 2, 3, 3), np.float64, 0.1),
+                ((1, 3, 4, 4), np.float64, None)]
+    if hidden:
+        settings += [((8, 5, 3, 3), np.float64, None), ((1, 2, 2, 1), np.float64, 1e-3),
+                     ((3, 4, 2, 5), np.float32, 0.01)]
+    cases = []
+    for shape, dtype, eps in settings:
+        extra = _F32 if dtype == np.float32 else {}
+        label = f"x of shape {shape} {np.dtype(dtype).name}, {'default eps' if eps is None else f'eps={eps:g}'}"
+        cases.append(Case(label, {**_layer(rng, shape, dtype), "eps": eps, **extra}))
+    data = _layer(rng, (3, 3, 2, 2))
+    data["x"][:, 0] = -1.5  # a constant channel: variance exactly 0
+    cases.append(Case("x of shape (3, 3, 2, 2) float64 whose 1st channel is constant, default eps",
+                      {**data, "eps": None}))
+    cases.append(Case("x of shape (2, 4, 3, 3) float32, default eps",
+                      {**_layer(rng, (2, 4, 3, 3), np.float32), "eps": None, **_F32}))
+    return cases
+
+
+def _run_forward(fn, case):
+    """The learner's (out, cache) on the case's x, gamma, beta (and eps when it is not the default)."""
     d = case.data
-    args = (d["x"].copy(), d["gamma"].copy(), d["beta"].copy())
-    return fn(*args) if d["eps"] is None else fn(*args, d["eps"])
-
-
-def _run_forward_out(fn, case):
-    result = _call_forward(fn, case)
+    args = (d["x"], d["gamma"], d["beta"])
+    result = fn(*args) if d["eps"] is None else fn(*args, d["eps"])
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
-        raise CheckFailed("batchnorm_forward must return a pair (out, cache), "
-                          f"got {type(result).__name__} on case: {case.label}")
-    return {"out": result[0]}
-
-
-def _run_forward_cache(fn, case):
-    cache = _call_forward(fn, case)[1]
+        raise CheckFailed(f"the forward pass must return a pair (out, cache), got {type(result).__name__} "
+                          f"on case: {case.label}")
+    out, cache = result
     if not isinstance(cache, Mapping):
-        raise CheckFailed(f"batchnorm_forward's cache must be a dict, got {type(cache).__name__}.")
-    missing = [k for k in ref.CACHE_KEYS if k not in cache]
+        raise CheckFailed(f"the forward pass's cache must be a dict, got {type(cache).__name__}.")
+    missing = [k for k in _CACHE_KEYS if k not in cache]
     if missing:
-        raise CheckFailed(f"batchnorm_forward's cache lacks {', '.join(map(repr, missing))}: the backward "
-                          f"functions read the keys {', '.join(ref.CACHE_KEYS)}, so the cache must hold them all.")
-    return {"cache": {k: cache[k] for k in ref.CACHE_KEYS}}
+        raise CheckFailed(f"the forward pass's cache lacks {', '.join(map(repr, missing))}: the backward "
+                          f"functions read the keys {', '.join(_CACHE_KEYS)}, so the cache must hold them all.")
+    return {"out": out, "cache": {k: cache[k] for k in _CACHE_KEYS}}
 
 
 def check_batchnorm_forward(batchnorm_forward, hidden=False):
-    """Check batchnorm_forward(x, gamma, beta, eps=1e-5) -> (out, cache): first out,
-    then the cache's keys and values (``bn_reference.backprop.CACHE_KEYS``)."""
+    """Check batchnorm_forward(x, gamma, beta, eps=1e-5) -> (out, cache): out and the
+    cache's keys and values (``bn_reference.backprop.CACHE_KEYS``)."""
     __tracebackhide__ = True
-    cases = _bn_cases(hidden)
-    run_check("batchnorm_forward", batchnorm_forward, ref.batchnorm_forward, cases,
-              _run_forward_out, FORWARD_CATALOGUE)
-    report_pass("batchnorm_forward", run_check("batchnorm_forward's cache", batchnorm_forward,
-                                           ref.batchnorm_forward, cases, _run_forward_cache))
+    report_pass("batchnorm_forward", run_check("batchnorm_forward", batchnorm_forward, ref.batchnorm_forward,
+                                               _bn_cases(hidden), _run_forward, FORWARD_CATALOGUE, hidden=hidden))
 
 
-def _backward_case(case):
-    """The case's data with the reference forward's cache for x, gamma, beta, eps."""
-    d = case.data
-    eps = {} if d["eps"] is None else {"eps": d["eps"]}
-    return ref.batchnorm_forward(d["x"], d["gamma"], d["beta"], **eps)[1], d["dout"]
+def check_spatial_batchnorm_forward(spatial_batchnorm_forward, hidden=False):
+    """Check spatial_batchnorm_forward(x, gamma, beta, eps=1e-5) -> (out, cache) on (N, C, H, W) maps."""
+    __tracebackhide__ = True
+    report_pass("spatial_batchnorm_forward", run_check(
+        "spatial_batchnorm_forward", spatial_batchnorm_forward, ref.spatial_batchnorm_forward,
+        _spatial_cases(hidden), _run_forward, SPATIAL_FORWARD_CATALOGUE, hidden=hidden))
 
 
-def _run_backward(fn, case, output):
-    cache, dout = _backward_case(case)
-    cache = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in cache.items()}
-    result = fn(dout.copy(), cache)
+def _with_reference_cache(cases, forward):
+    """Backward cases: each case's dout and the cache ``forward`` (the reference) makes for it."""
+    backward_cases = []
+    for case in cases:
+        d = case.data
+        eps = {} if d["eps"] is None else {"eps": d["eps"]}
+        cache = forward(d["x"], d["gamma"], d["beta"], **eps)[1]
+        tolerances = {k: d[k] for k in ("rtol", "atol") if k in d}
+        backward_cases.append(Case(case.label + ", random dout", {"dout": d["dout"], "cache": cache, **tolerances}))
+    return backward_cases
+
+
+def _run_backward(fn, case):
+    """The learner's (dx, dgamma, dbeta) for the case's dout and cache, all three compared at once."""
+    result = fn(case.data["dout"], case.data["cache"])
     if not (isinstance(result, (tuple, list)) and len(result) == 3):
         raise CheckFailed("the backward pass must return a triple (dx, dgamma, dbeta), "
                           f"got {type(result).__name__} on case: {case.label}")
-    return {output: dict(zip(("dx", "dgamma", "dbeta"), result))[output]}
-
-
-def _check_backward(task, student, reference, hidden):
-    __tracebackhide__ = True
-    run_check(task, student, reference, (), None)  # refuses the reference itself, under the task's own name
-    cases = [Case(c.label + ", random dout", c.data) for c in _bn_cases(hidden)]
-    for output in ("dbeta", "dgamma", "dx"):
-        n = run_check(f"{task}'s {output}", student, reference, cases,
-                      partial(_run_backward, output=output), BACKWARD_CATALOGUE)
-    report_pass(task, n)
+    return dict(zip(("dx", "dgamma", "dbeta"), result))
 
 
 def check_batchnorm_backward(batchnorm_backward, hidden=False):
     """Check batchnorm_backward(dout, cache) -> (dx, dgamma, dbeta), given the reference forward's cache."""
     __tracebackhide__ = True
-    _check_backward("batchnorm_backward", batchnorm_backward, ref.batchnorm_backward, hidden)
+    cases = _with_reference_cache(_bn_cases(hidden), ref.batchnorm_forward)
+    report_pass("batchnorm_backward", run_check("batchnorm_backward", batchnorm_backward, ref.batchnorm_backward,
+                                                cases, _run_backward, BACKWARD_CATALOGUE, hidden=hidden))
 
 
-LOOP_MISCONCEPTION = "a Python loop in the compact backward pass"
-_LOOP_NODES = (ast.For, ast.AsyncFor, ast.While, ast.comprehension)
+_COMPREHENSIONS = {"<listcomp>": "a list comprehension", "<setcomp>": "a set comprehension",
+                   "<dictcomp>": "a dict comprehension", "<genexpr>": "a generator expression"}
 _LOOP_BUILTINS = {"sum", "map", "range"}  # Python's sum(dout) loops over the rows
 
 
 def _python_loop(fn):
-    """A description of the first Python-level loop in fn's source, or None (also when the
-    source is unavailable)."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    except (OSError, TypeError, SyntaxError):
-        return None
-    for node in ast.walk(tree):
-        if isinstance(node, _LOOP_NODES):
-            return f"a {type(node).__name__.lower()} loop"
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _LOOP_BUILTINS:
-            return f"Python's built-in {node.func.id}()"
+    """A description of the first Python-level loop in ``fn``'s compiled code (a function,
+    or a partial of one, with the functions defined inside it), or None."""
+    code = getattr(getattr(fn, "func", fn), "__code__", None)
+    stack = [code] if isinstance(code, types.CodeType) else []
+    while stack:
+        code = stack.pop(0)
+        if code.co_name in _COMPREHENSIONS:
+            return _COMPREHENSIONS[code.co_name]
+        instructions = list(dis.get_instructions(code))
+        if any(i.opname == "FOR_ITER" for i in instructions):
+            return "a for loop"
+        if any("BACKWARD" in i.opname or (i.opname == "JUMP_ABSOLUTE" and i.argval <= i.offset)
+               for i in instructions):
+            return "a while loop"
+        called = next((i.argval for i in instructions
+                       if i.opname == "LOAD_GLOBAL" and i.argval in _LOOP_BUILTINS), None)
+        if called is not None:
+            return f"Python's built-in {called}()"
+        stack += [c for c in code.co_consts if isinstance(c, types.CodeType)]
     return None
 
 
-def check_batchnorm_backward_compact(batchnorm_backward_compact, hidden=False):
-    """Check batchnorm_backward_compact(dout, cache) like the staged one, and that its
-    source has no Python loop over examples or features."""
-    __tracebackhide__ = True
-    loop = _python_loop(batchnorm_backward_compact)
+def _run_backward_compact(fn, case):
+    """``_run_backward`` after checking that fn's code has no Python loop."""
+    loop = _python_loop(fn)
     if loop is not None:
         raise CheckFailed(
             f"batchnorm_backward_compact is not in closed form: its code uses {loop}.\n"
             f"  Your code matches a known mistake: {LOOP_MISCONCEPTION}.\n"
-            f"  How to fix it: write the closed form with whole-array NumPy operations "
-            f"(dout.sum(axis=0), broadcasting), with no loop over examples or features.",
-            misconception=LOOP_MISCONCEPTION)
-    _check_backward("batchnorm_backward_compact", batchnorm_backward_compact, ref.batchnorm_backward_compact, hidden)
+            f"  How to fix it: {LOOP_FIX}", misconception=LOOP_MISCONCEPTION)
+    return _run_backward(fn, case)
 
 
-def _bn_loss_out(x, gamma, beta):
-    """The BN forward's output as a function of x alone (for numerical_gradient)."""
-    return ref.batchnorm_forward(x, gamma, beta)[0]
+def check_batchnorm_backward_compact(batchnorm_backward_compact, hidden=False):
+    """Check batchnorm_backward_compact(dout, cache) like the staged one, and that its
+    code has no Python loop over examples or features."""
+    __tracebackhide__ = True
+    cases = _with_reference_cache(_bn_cases(hidden), ref.batchnorm_forward)
+    report_pass("batchnorm_backward_compact", run_check(
+        "batchnorm_backward_compact", batchnorm_backward_compact, ref.batchnorm_backward_compact,
+        cases, _run_backward_compact, COMPACT_CATALOGUE, hidden=hidden))
+
+
+def check_spatial_batchnorm_backward(spatial_batchnorm_backward, hidden=False):
+    """Check spatial_batchnorm_backward(dout, cache) -> (dx, dgamma, dbeta), given the
+    reference spatial forward's cache."""
+    __tracebackhide__ = True
+    cases = _with_reference_cache(_spatial_cases(hidden), ref.spatial_batchnorm_forward)
+    report_pass("spatial_batchnorm_backward", run_check(
+        "spatial_batchnorm_backward", spatial_batchnorm_backward, ref.spatial_batchnorm_backward,
+        cases, _run_backward, SPATIAL_BACKWARD_CATALOGUE, hidden=hidden))
+
+
+def _bn_output(x, gamma, beta):
+    """Batch normalization's output (eps = 1e-5) as a function of x alone, the f of the
+    numerical-gradient cases (written here: case data must not call the reference)."""
+    centred = x - x.mean(axis=0)
+    return gamma * centred / np.sqrt(np.mean(centred * centred, axis=0) + 1e-5) + beta
 
 
 def _tanh_scaled(x, a):
@@ -374,23 +587,22 @@ def _tanh_linear(x, w):
 
 def _numgrad_cases(hidden: bool):
     rng = np.random.default_rng(1003 if hidden else 3)
-    cases = []
-    for n, d, h in [(5, 3, 1e-5), (2, 3, 1e-3)] + ([(4, 2, 1e-4)] if hidden else []):
-        layer = _layer(rng, n, d)
-        cases.append(Case(f"f = batch-norm forward on x {n} x {d}, h={h:g}",
-                          {"f": partial(_bn_loss_out, gamma=layer["gamma"], beta=layer["beta"]),
-                           "x": layer["x"], "dout": layer["dout"], "h": h}))
     shape = (2, 3, 2) if hidden else (6,)
-    cases.append(Case(f"f = tanh(2 x) on x of shape {shape}, h=1e-3",
-                      {"f": partial(_tanh_scaled, a=2.0), "x": rng.normal(size=shape),
-                       "dout": rng.normal(size=shape), "h": 1e-3}))
+    cases = [Case(f"f = tanh(2 x) on x of shape {shape}, h=1e-3",
+                  {"f": partial(_tanh_scaled, a=2.0), "x": rng.normal(size=shape),
+                   "dout": rng.normal(size=shape), "h": 1e-3})]
+    for n, d, h in [(5, 3, 1e-5), (2, 3, 1e-3)] + ([(4, 2, 1e-4)] if hidden else []):
+        layer = _layer(rng, (n, d))
+        cases.append(Case(f"f = batch-norm forward on x {n} x {d}, h={h:g}",
+                          {"f": partial(_bn_output, gamma=layer["gamma"], beta=layer["beta"]),
+                           "x": layer["x"], "dout": layer["dout"], "h": h}))
     w = rng.normal(size=(4, 2))
-    cases.append(Case("f = tanh(x @ W) with x 3 x 4 and W 4 x 2 (f(x) is 3 x 2, so is dout), h=1e-4",
+    cases.append(Case("f = tanh(x @ W) with x 3 x 4 and W 4 x 2 (f(x) is 3 x 2, so is dout), default h",
                       {"f": partial(_tanh_linear, w=w), "x": rng.normal(size=(3, 4)),
-                       "dout": rng.normal(size=(3, 2)), "h": 1e-4}))
-    layer = _layer(rng, 4, 2, np.float32)
+                       "dout": rng.normal(size=(3, 2)), "h": None}))
+    layer = _layer(rng, (4, 2), np.float32)
     cases.append(Case("f = batch-norm forward on a float32 x 4 x 2, h=1e-5 (differences must be taken in float64)",
-                      {"f": partial(_bn_loss_out, gamma=layer["gamma"].astype(np.float64),
+                      {"f": partial(_bn_output, gamma=layer["gamma"].astype(np.float64),
                                     beta=layer["beta"].astype(np.float64)),
                        "x": layer["x"], "dout": layer["dout"].astype(np.float64), "h": 1e-5}))
     return cases
@@ -398,16 +610,17 @@ def _numgrad_cases(hidden: bool):
 
 def _run_numgrad(fn, case):
     d = case.data
-    return {"gradient": fn(d["f"], d["x"].copy(), d["dout"].copy(), d["h"])}
+    args = (d["f"], d["x"], d["dout"])
+    return {"gradient": fn(*args) if d["h"] is None else fn(*args, d["h"])}
 
 
 def check_numerical_gradient(numerical_gradient, hidden=False):
-    """Check numerical_gradient(f, x, dout, h) on smooth functions (BN forward, tanh)."""
+    """Check numerical_gradient(f, x, dout, h=1e-5) on smooth functions (BN forward, tanh)."""
     __tracebackhide__ = True
     # rounding in L(x +- h) is ~1e-16 / h: 1e-8 absolute leaves room for any correct summation order
     report_pass("numerical_gradient", run_check(
         "numerical_gradient", numerical_gradient, ref.numerical_gradient, _numgrad_cases(hidden),
-        _run_numgrad, NUMERICAL_GRADIENT_CATALOGUE, rtol=1e-6, atol=1e-8))
+        _run_numgrad, NUMERICAL_GRADIENT_CATALOGUE, rtol=1e-6, atol=1e-8, hidden=hidden))
 
 
 def _rel_error_cases(hidden: bool):
@@ -426,15 +639,20 @@ def _rel_error_cases(hidden: bool):
     b = a + 1e-3 * rng.normal(size=6)
     b[[1, 4]] = 0.0
     cases.append(Case("a and b of shape (6,), both 0 at the same two places", {"a": a, "b": b}))
+    cases.append(Case("a = [3, 1e-4, -2], b = [3, -1e-4, -2] (an entry near 0 with opposite signs)",
+                      {"a": np.array([3.0, 1e-4, -2.0]), "b": np.array([3.0, -1e-4, -2.0])}))
     if hidden:
         cases.append(Case("a = [0, 1], b = [1e-3, 1] (a is 0 where b is not)",
                           {"a": np.array([0.0, 1.0]), "b": np.array([1e-3, 1.0])}))
     return cases
 
 
+def _run_rel_error(fn, case):
+    return float(fn(case.data["a"], case.data["b"]))
+
+
 def check_rel_error(rel_error, hidden=False):
     """Check rel_error(a, b) -> float."""
     __tracebackhide__ = True
-    report_pass("rel_error", run_check(
-        "rel_error", rel_error, ref.rel_error, _rel_error_cases(hidden),
-        lambda fn, case: float(fn(case.data["a"].copy(), case.data["b"].copy())), REL_ERROR_CATALOGUE))
+    report_pass("rel_error", run_check("rel_error", rel_error, ref.rel_error, _rel_error_cases(hidden),
+                                       _run_rel_error, REL_ERROR_CATALOGUE, hidden=hidden))

@@ -5,6 +5,10 @@ reference (``bn_reference.feature_scaling``) on seeded cases, and raises
 :class:`~bn_reference.grading.CheckFailed` naming the misconception when one of
 the catalogue's wrong implementations reproduces the learner's output.
 ``hidden=True`` runs the grader's own cases (other seeds, more edge cases).
+
+The ``_run_*`` functions are the only code that touches the learner's object
+(the class grader runs them in its sandbox): they pass the case's arrays to it
+unchanged and return plain data.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from functools import partial
 import numpy as np
 
 from .. import feature_scaling as ref
-from . import Case, Misconception, run_check, report_pass
+from . import Case, Misconception, report_pass, run_check
 
 __all__ = [
     "check_min_max_scaler",
@@ -32,17 +36,18 @@ __all__ = [
 # misconception a one-line variation of the same (otherwise right) code.
 
 class _WrongStandardScaler:
-    """Standardizer with switchable mistakes (ddof, axis, refit, no zero guard)."""
+    """Standardizer with switchable mistakes (ddof, axis, refit, no zero guard, variance)."""
 
-    def __init__(self, ddof=0, whole_array=False, refit=False, guard_constant=True):
-        self.ddof, self.whole_array, self.refit, self.guard = ddof, whole_array, refit, guard_constant
+    def __init__(self, ddof=0, whole_array=False, refit=False, guard_constant=True, by_variance=False):
+        self.ddof, self.whole_array, self.refit = ddof, whole_array, refit
+        self.guard, self.by_variance = guard_constant, by_variance
 
     def fit(self, X):
         X = np.asarray(X, dtype=np.float64)
         axis = None if self.whole_array else 0
         self.mean = X.mean(axis=axis)
-        std = X.std(axis=axis, ddof=self.ddof)
-        self.std = np.where(std == 0, 1.0, std) if self.guard else std
+        spread = X.var(axis=axis, ddof=self.ddof) if self.by_variance else X.std(axis=axis, ddof=self.ddof)
+        self.std = np.where(spread == 0, 1.0, spread) if self.guard else spread
         return self
 
     def transform(self, X):
@@ -58,17 +63,19 @@ class _WrongStandardScaler:
 
 
 class _WrongMinMaxScaler:
-    """Min-max scaler with switchable mistakes (axis, refit, no zero guard, range ignored)."""
+    """Min-max scaler with switchable mistakes (axis, refit, no zero guard, range ignored,
+    division by the maximum)."""
 
     def __init__(self, feature_range=(0.0, 1.0), whole_array=False, refit=False,
-                 guard_constant=True, use_range=True):
+                 guard_constant=True, use_range=True, by_max=False):
         self.lo, self.hi = feature_range if use_range else (0.0, 1.0)
-        self.whole_array, self.refit, self.guard = whole_array, refit, guard_constant
+        self.whole_array, self.refit, self.guard, self.by_max = whole_array, refit, guard_constant, by_max
 
     def fit(self, X):
         X = np.asarray(X, dtype=np.float64)
         axis = None if self.whole_array else 0
-        self.min, span = X.min(axis=axis), np.ptp(X, axis=axis)
+        self.min = X.min(axis=axis)
+        span = X.max(axis=axis) if self.by_max else np.ptp(X, axis=axis)
         self.span = np.where(span == 0, 1.0, span) if self.guard else span
         return self
 
@@ -103,6 +110,10 @@ STANDARD_SCALER_CATALOGUE = [
         "a constant feature gives nan or inf (division by a zero std)",
         "where a feature's std is 0, divide by 1 instead (scikit-learn does this), so it maps to 0.",
         partial(_WrongStandardScaler, guard_constant=False)),
+    Misconception(
+        "divides by the variance instead of the standard deviation",
+        "z = (x - mean) / std with std = sqrt(var): X.std(axis=0), not X.var(axis=0).",
+        partial(_WrongStandardScaler, by_variance=True)),
 ]
 
 MIN_MAX_SCALER_CATALOGUE = [
@@ -121,14 +132,19 @@ MIN_MAX_SCALER_CATALOGUE = [
         "a constant feature gives nan or inf (division by a zero range)",
         "where max == min, divide by 1 instead (scikit-learn does this), so the feature maps to lo.",
         partial(_WrongMinMaxScaler, guard_constant=False)),
+    Misconception(
+        "divides by the maximum instead of the range (max - min)",
+        "x01 = (x - min) / (max - min): the distance from the minimum over the width of the range.",
+        partial(_WrongMinMaxScaler, by_max=True)),
 ]
 
 
-def _gradient(X, y, w, b, factor=2.0, mean=True, with_bias=True, sign=1.0):
+def _gradient(X, y, w, b, factor=2.0, mean=True, with_bias=True, sign=1.0, sum_bias=True):
     """MSE gradient with switchable mistakes; the right one is the default."""
     r = sign * (X @ w + b - y)
     scale = factor / (len(X) if mean else 1)
-    return scale * (X.T @ r), (scale * r.sum() if with_bias else 0.0)
+    db = (scale * r.sum() if sum_bias else scale * r) if with_bias else 0.0
+    return scale * (X.T @ r), db
 
 
 MSE_GRADIENT_CATALOGUE = [
@@ -148,18 +164,28 @@ MSE_GRADIENT_CATALOGUE = [
         "the residual has the wrong sign (y - prediction)",
         "use r = X @ w + b - y (prediction minus target), or flip the sign of the whole gradient.",
         partial(_gradient, sign=-1.0)),
+    Misconception(
+        "db is not summed over the examples (one value per example instead of one number)",
+        "b is one number shared by all n predictions, so its gradient adds up their terms: db = 2/n * r.sum().",
+        partial(_gradient, sum_bias=False)),
 ]
 
 
-def _gd(X, y, lr, n_steps, grad=_gradient, update_bias=True, record_start=True):
+def _gd(X, y, lr, n_steps, grad=_gradient, update_bias=True, record_start=True, record_end=True,
+        sequential=False):
     """GD with switchable mistakes; returns (w, b, losses) like the reference."""
     X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
     w, b = np.zeros(X.shape[1]), 0.0
-    losses = [np.mean((X @ w + b - y) ** 2)] if record_start else []
-    for _ in range(n_steps):
+    losses = []
+    for step in range(n_steps):
+        if record_start or step > 0:
+            losses.append(np.mean((X @ w + b - y) ** 2))
         dw, db = grad(X, y, w, b)
         w = w - lr * dw
+        if sequential:  # the bias's gradient taken at the weights already updated
+            db = grad(X, y, w, b)[1]
         b = b - lr * db if update_bias else b
+    if record_end:
         losses.append(np.mean((X @ w + b - y) ** 2))
     return w, b, np.array(losses)
 
@@ -174,6 +200,15 @@ GRADIENT_DESCENT_CATALOGUE = [
         "append the starting loss before the first step, so losses has n_steps + 1 entries.",
         partial(_gd, record_start=False)),
     Misconception(
+        "losses lacks the loss after the last step",
+        "losses[k] is the loss after k steps, k = 0 .. n_steps: after the loop, append the loss "
+        "at the final w and b too (n_steps + 1 entries).",
+        partial(_gd, record_end=False)),
+    Misconception(
+        "the bias's gradient is computed after w was already updated",
+        "compute dw and db at the same point (w, b), then update both: dw, db = gradient(X, y, w, b).",
+        partial(_gd, sequential=True)),
+    Misconception(
         "the gradient is missing its 1/n",
         "use the gradient of the mean: 2/n * X.T @ r (and 2/n * r.sum()).",
         partial(_gd, grad=partial(_gradient, mean=False))),
@@ -184,10 +219,12 @@ GRADIENT_DESCENT_CATALOGUE = [
 ]
 
 
-def _steps(X, y, lr, tol, max_steps, target_optimum=True, offset=0):
+def _steps(X, y, lr, tol, max_steps, target_optimum=True, offset=0, with_bias=True):
     """steps_to_tolerance with switchable mistakes."""
     _, _, losses = ref.gradient_descent(X, y, lr, max_steps)
-    target = ref.least_squares_loss(X, y) + tol if target_optimum else tol
+    A = np.column_stack([X, np.ones(len(X))]) if with_bias else np.asarray(X, dtype=np.float64)
+    best = np.mean((A @ np.linalg.lstsq(A, y, rcond=None)[0] - y) ** 2)
+    target = best + tol if target_optimum else tol
     hits = np.flatnonzero(losses <= target)
     return int(hits[0]) + offset if hits.size else int(max_steps)
 
@@ -203,14 +240,20 @@ STEPS_TO_TOLERANCE_CATALOGUE = [
         "return k where losses[k] is the first loss within tol; losses[0] is before any step, "
         "so an already converged start gives 0.",
         partial(_steps, offset=1)),
+    Misconception(
+        "the optimum L* is computed without the bias column",
+        "GD fits w and b, so its optimum is the least-squares fit on A = [X, 1] "
+        "(np.column_stack([X, np.ones(len(X))])); without the ones L* is too high and GD 'arrives' too early.",
+        partial(_steps, with_bias=False)),
 ]
 
 
-def _condition(X, squared=True, with_bias=True):
+def _condition(X, squared=True, with_bias=True, inverted=False):
     """Condition number with switchable mistakes."""
     X = np.asarray(X, dtype=np.float64)
     A = np.column_stack([X, np.ones(len(X))]) if with_bias else X
-    return float(np.linalg.cond(A) ** (2 if squared else 1))
+    kappa = float(np.linalg.cond(A) ** (2 if squared else 1))
+    return 1.0 / kappa if inverted else kappa
 
 
 HESSIAN_CATALOGUE = [
@@ -223,6 +266,11 @@ HESSIAN_CATALOGUE = [
         "the Hessian leaves out the bias",
         "the loss depends on (w, b): append a column of ones to X before forming H = (2/n) A^T A.",
         partial(_condition, with_bias=False)),
+    Misconception(
+        "the ratio is inverted (lambda_min / lambda_max)",
+        "kappa = lambda_max / lambda_min >= 1; np.linalg.eigvalsh returns the eigenvalues in "
+        "ascending order, so it is eigenvalues[-1] / eigenvalues[0].",
+        partial(_condition, inverted=True)),
 ]
 
 CATALOGUE = {
@@ -237,6 +285,11 @@ CATALOGUE = {
 
 # --------------------------------------------------------------------------
 # Cases. Visible seeds are 0..; hidden seeds start at 1000 and add edge cases.
+# Every case's arrays are random and every parameter takes non-default values
+# in some case (feature_range, w and b away from 0, lr, n_steps, tol, max_steps).
+
+_F32 = {"rtol": 1e-4, "atol": 1e-5}  # float32 resolves about 1e-7; the scaled data are O(1)
+
 
 def _features(rng, n, d, dtype=np.float64):
     """n x d data whose features have very different means and spreads."""
@@ -246,26 +299,26 @@ def _features(rng, n, d, dtype=np.float64):
 
 
 def _scaler_cases(hidden: bool, ranges):
+    """Seeded fit/transform cases; ``ranges`` gives the feature_range of each (None: the default)."""
     rng = np.random.default_rng(1000 if hidden else 0)
     shapes = [(40, 3), (2, 4), (9, 1)] + ([(200, 6), (3, 2)] if hidden else [])
     cases = []
     for (n, d), feature_range in zip(shapes, ranges):
-        X = _features(rng, n, d)
-        X_test = _features(rng, 7, d)
         kw = {} if feature_range is None else {"feature_range": feature_range}
         cases.append(Case(f"{n} x {d} float64 training data, other test data, {kw or 'defaults'}",
-                          {"X_train": X, "X_test": X_test, "kwargs": kw}))
+                          {"X_train": _features(rng, n, d), "X_test": _features(rng, 7, d), "kwargs": kw}))
     X = _features(rng, 12, 3)
     X[:, 1] = 2.5  # a constant feature, exactly representable so sums are exact
     X_test = _features(rng, 5, 3)
-    X_test[:, 1] = 2.5
+    X_test[:, 1] = [2.5, 3.0, 2.5, -1.0, 2.5]  # other values of it on test data pass through unscaled
     kw = {} if ranges[0] is None else {"feature_range": (-1.0, 1.0)}
-    cases.append(Case(f"12 x 3 data whose 2nd feature is constant, {kw or 'defaults'}",
-                      {"X_train": X, "X_test": X_test, "kwargs": kw}))
-    if hidden:
-        X = _features(rng, 30, 4, np.float32)
-        cases.append(Case("30 x 4 float32 data", {"X_train": X, "X_test": _features(rng, 6, 4, np.float32),
-                                                  "kwargs": {}, "rtol": 1e-4, "atol": 1e-5}))
+    cases.append(Case(f"12 x 3 data whose 2nd feature is constant (test data has other values of it), "
+                      f"{kw or 'defaults'}", {"X_train": X, "X_test": X_test, "kwargs": kw}))
+    n = 30 if hidden else 10
+    kw = {} if ranges[0] is None else {"feature_range": (-2.0, 3.0)}
+    cases.append(Case(f"{n} x 4 float32 data, {kw or 'defaults'}",
+                      {"X_train": _features(rng, n, 4, np.float32), "X_test": _features(rng, 6, 4, np.float32),
+                       "kwargs": kw, **_F32}))
     return cases
 
 
@@ -273,15 +326,14 @@ def _run_scaler(cls, case):
     """Fit on X_train, then transform test and train, invert, and fit_transform."""
     kw, X, X_test = case.data["kwargs"], case.data["X_train"], case.data["X_test"]
     scaler = cls(**kw)
-    fitted = scaler.fit(X.copy())
-    out = {
+    fitted = scaler.fit(X)
+    return {
         "fit(X) returns the scaler itself": fitted is scaler,
-        "transform(X_test)": scaler.transform(X_test.copy()),
-        "transform(X_train)": scaler.transform(X.copy()),
-        "inverse_transform(transform(X_test))": scaler.inverse_transform(scaler.transform(X_test.copy())),
-        "fit_transform(X_train) on a new scaler": cls(**kw).fit_transform(X.copy()),
+        "transform(X_test)": scaler.transform(X_test),
+        "transform(X_train)": scaler.transform(X),
+        "inverse_transform(transform(X_test))": scaler.inverse_transform(scaler.transform(X_test)),
+        "fit_transform(X_train) on a new scaler": cls(**kw).fit_transform(X),
     }
-    return out
 
 
 def check_standard_scaler(StandardScaler, hidden=False):
@@ -289,7 +341,7 @@ def check_standard_scaler(StandardScaler, hidden=False):
     __tracebackhide__ = True
     cases = _scaler_cases(hidden, [None] * 5)
     report_pass("StandardScaler", run_check("StandardScaler", StandardScaler, ref.StandardScaler, cases,
-                                        _run_scaler, STANDARD_SCALER_CATALOGUE))
+                                            _run_scaler, STANDARD_SCALER_CATALOGUE, hidden=hidden))
 
 
 def check_min_max_scaler(MinMaxScaler, hidden=False):
@@ -297,7 +349,7 @@ def check_min_max_scaler(MinMaxScaler, hidden=False):
     __tracebackhide__ = True
     cases = _scaler_cases(hidden, [(0.0, 1.0), (-1.0, 1.0), (2.0, 5.0), (-3.0, -1.0), (0.0, 1.0)])
     report_pass("MinMaxScaler", run_check("MinMaxScaler", MinMaxScaler, ref.MinMaxScaler, cases,
-                                      _run_scaler, MIN_MAX_SCALER_CATALOGUE))
+                                          _run_scaler, MIN_MAX_SCALER_CATALOGUE, hidden=hidden))
 
 
 def _regression(rng, n, d, noise=0.5):
@@ -315,24 +367,36 @@ def _gradient_cases(hidden):
         X, y = _regression(rng, n, d)
         cases.append(Case(f"X {n} x {d}, random w and b",
                           {"X": X, "y": y, "w": rng.normal(size=d), "b": float(rng.normal())}))
+    X, y = _regression(rng, 12, 3)
+    cases.append(Case("float32 X 12 x 3, y and w, random b",
+                      {"X": X.astype(np.float32), "y": y.astype(np.float32),
+                       "w": rng.normal(size=3).astype(np.float32), "b": float(rng.normal()), **_F32}))
     return cases
+
+
+def _number(value):
+    """A learner's scalar output as a float64 array of shape () (also from a 1-element
+    array); anything larger keeps its shape, so that the comparison shows it."""
+    value = np.asarray(value, dtype=np.float64)
+    return value.reshape(()) if value.size == 1 else value
 
 
 def _run_gradient(fn, case):
     d = case.data
-    dw, db = fn(d["X"].copy(), d["y"].copy(), d["w"].copy(), d["b"])
-    return {"dw": np.asarray(dw), "db": np.ravel(np.asarray(db, dtype=np.float64))}
+    dw, db = fn(d["X"], d["y"], d["w"], d["b"])
+    return {"dw": np.asarray(dw), "db": _number(db)}
 
 
 def check_mse_gradient(mse_gradient, hidden=False):
     """Check mse_gradient(X, y, w, b) -> (dw, db)."""
     __tracebackhide__ = True
     report_pass("mse_gradient", run_check("mse_gradient", mse_gradient, ref.mse_gradient,
-                                      _gradient_cases(hidden), _run_gradient, MSE_GRADIENT_CATALOGUE))
+                                          _gradient_cases(hidden), _run_gradient, MSE_GRADIENT_CATALOGUE,
+                                          hidden=hidden))
 
 
 def _scaled_problem(rng, n, d):
-    """A standardized regression problem and a step size that GD converges with."""
+    """A standardized regression problem and the step size 1 / lambda_max of its Hessian."""
     X, y = _regression(rng, n, d)
     X = ref.StandardScaler().fit_transform(X)
     lr = 1.0 / np.linalg.eigvalsh(ref.hessian(X))[-1]
@@ -341,20 +405,26 @@ def _scaled_problem(rng, n, d):
 
 def _gd_cases(hidden):
     rng = np.random.default_rng(1002 if hidden else 2)
-    shapes = [(30, 2), (2, 1), (60, 4)] + ([(10, 3), (200, 6)] if hidden else [])
+    settings = [(30, 2, 25, 1.0), (2, 1, 10, 0.5), (60, 4, 40, 1.5)]
+    if hidden:
+        settings += [(10, 3, 15, 0.3), (200, 6, 60, 1.0), (8, 2, 0, 1.0)]
     cases = []
-    for i, (n, d) in enumerate(shapes):
+    for n, d, n_steps, lr_factor in settings:
         X, y, lr = _scaled_problem(rng, n, d)
-        n_steps = [25, 10, 40, 15, 60][i]
+        lr *= lr_factor
         cases.append(Case(f"standardized X {n} x {d}, lr={lr:.3g}, n_steps={n_steps}",
                           {"X": X, "y": y, "lr": lr, "n_steps": n_steps}))
+    X, y = _regression(rng, 20, 2)  # features not centred: db depends on w
+    lr = 1.0 / np.linalg.eigvalsh(ref.hessian(X))[-1]
+    cases.append(Case(f"unscaled X 20 x 2 (features not centred), lr={lr:.3g}, n_steps=20",
+                      {"X": X, "y": y, "lr": float(lr), "n_steps": 20}))
     return cases
 
 
 def _run_gd(fn, case):
     d = case.data
-    w, b, losses = fn(d["X"].copy(), d["y"].copy(), d["lr"], d["n_steps"])
-    return {"w": np.asarray(w), "b": np.ravel(np.asarray(b, dtype=np.float64)),
+    w, b, losses = fn(d["X"], d["y"], d["lr"], d["n_steps"])
+    return {"w": np.asarray(w), "b": _number(b),
             "losses": np.asarray(losses, dtype=np.float64)}
 
 
@@ -362,7 +432,8 @@ def check_gradient_descent(gradient_descent, hidden=False):
     """Check gradient_descent(X, y, lr, n_steps) -> (w, b, losses)."""
     __tracebackhide__ = True
     report_pass("gradient_descent", run_check("gradient_descent", gradient_descent, ref.gradient_descent,
-                                          _gd_cases(hidden), _run_gd, GRADIENT_DESCENT_CATALOGUE))
+                                              _gd_cases(hidden), _run_gd, GRADIENT_DESCENT_CATALOGUE,
+                                              hidden=hidden))
 
 
 def _steps_cases(hidden):
@@ -383,15 +454,15 @@ def _steps_cases(hidden):
 
 def _run_steps(fn, case):
     d = case.data
-    return int(fn(d["X"].copy(), d["y"].copy(), d["lr"], d["tol"], d["max_steps"]))
+    return int(fn(d["X"], d["y"], d["lr"], d["tol"], d["max_steps"]))
 
 
 def check_steps_to_tolerance(steps_to_tolerance, hidden=False):
     """Check steps_to_tolerance(X, y, lr, tol, max_steps) -> int."""
     __tracebackhide__ = True
     report_pass("steps_to_tolerance", run_check("steps_to_tolerance", steps_to_tolerance,
-                                            ref.steps_to_tolerance, _steps_cases(hidden),
-                                            _run_steps, STEPS_TO_TOLERANCE_CATALOGUE))
+                                                ref.steps_to_tolerance, _steps_cases(hidden),
+                                                _run_steps, STEPS_TO_TOLERANCE_CATALOGUE, hidden=hidden))
 
 
 def _hessian_cases(hidden):
@@ -402,10 +473,13 @@ def _hessian_cases(hidden):
     return cases
 
 
+def _run_condition(fn, case):
+    return float(fn(case.data["X"]))
+
+
 def check_hessian_condition_number(hessian_condition_number, hidden=False):
     """Check hessian_condition_number(X) -> float."""
     __tracebackhide__ = True
     report_pass("hessian_condition_number", run_check(
         "hessian_condition_number", hessian_condition_number, ref.hessian_condition_number,
-        _hessian_cases(hidden), lambda fn, case: float(fn(case.data["X"].copy())), HESSIAN_CATALOGUE,
-        rtol=1e-6))
+        _hessian_cases(hidden), _run_condition, HESSIAN_CATALOGUE, rtol=1e-6, hidden=hidden))

