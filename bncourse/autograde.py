@@ -90,8 +90,10 @@ class SandboxExecute(NbGraderPreprocessor):
         return nb, resources
 
 
+# nbgrader's list with SandboxExecute for Execute; without its second metadata check (the sanitizing
+# pass validated the metadata, and nothing here changes it: each check costs a jsonschema validation per cell)
 AUTOGRADE = [SandboxExecute, IgnorePattern, ClearMetadataPreprocessor, LimitOutput, SaveAutoGrades,
-             AssignLatePenalties, CheckCellMetadata]
+             AssignLatePenalties]
 
 
 def course_config(root: Path, db_url: str | None = None) -> Config:
@@ -132,11 +134,12 @@ def ensure_assignment(config: Config, slug: str, log: logging.Logger) -> None:
 
 
 def sanitized(config: Config, slug: str, student: str, path: Path) -> nbformat.NotebookNode:
-    """The submission as nbgrader's autograde will see it after sanitizing."""
+    """The submission's cells as nbgrader's autograde will see them after sanitizing (its
+    metadata check, which changes nothing, is left to nbgrader's own pass)."""
     nb = nbformat.read(path, as_version=4)
     resources = {"nbgrader": {"student": student, "assignment": slug, "notebook": path.stem,
                               "db_url": coursedir(config).db_url}}
-    for cls in SANITIZE:
+    for cls in SANITIZE[:-1]:
         preprocessor = cls(config=config)
         if isinstance(preprocessor, OverwriteCells):
             preprocessor.add_missing_cells = True
@@ -153,40 +156,30 @@ class StudentStatus:
 
 
 class ClassRun:
-    """One class's autograde: sanitize everyone, grade in the pool, score with nbgrader."""
+    """One class's autograde: the workers sanitize and grade every submission in
+    parallel, nbgrader scores them one by one."""
 
     current: "ClassRun | None" = None
 
     def __init__(self, config: Config, slug: str, pool: Pool, log: logging.Logger):
         self.config, self.slug, self.pool, self.log = config, slug, pool, log
-        self.digests: dict[tuple[str, str], str] = {}
+        self.directory = coursedir(config, slug)
 
-    def submit(self, student: str, path: Path) -> str | None:
-        """Sanitize and queue one submission; returns why it cannot be graded, or None."""
-        try:
-            nb = sanitized(self.config, self.slug, student, path)
-        except Exception as exc:  # nbformat's NotJSONError, a validation error...
-            return _readable(exc)
-        key = (student, path.stem)
-        self.digests[key] = code_digest(nb)
-        self.pool.submit(Job(key, self.slug, nb))
-        return None
+    def submit(self, student: str, path: Path) -> None:
+        """Queue one submission; a worker sanitizes it as nbgrader will, then grades it."""
+        self.pool.submit(Job((student, path.stem), self.slug, path=str(path), root=str(self.directory.root),
+                             db_url=self.directory.db_url))
 
     def result_for(self, student: str, notebook: str, nb: nbformat.NotebookNode) -> dict:
         key = (student, notebook)
-        if self.digests.get(key) != code_digest(nb):  # not what was queued: grade this one now
-            self.log.warning("%s: the notebook changed since it was queued; grading it again", student)
-            self.digests[key] = code_digest(nb)
-            self.pool.done.pop(key, None)
-            self.pool.submit(Job(key, self.slug, nb))
-        return self.pool.result(key)
-
-
-def _readable(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if type(exc).__name__ == "NotJSONError":
-        return "the notebook is not valid JSON (a damaged or non-notebook file)"
-    return f"{type(exc).__name__}: {text[:300]}"
+        result = self.pool.result(key)
+        if result.get("digest") != code_digest(nb):  # not the notebook nbgrader has: grade this one now
+            self.log.warning("%s: the notebook graded differs from the one nbgrader sanitized; grading it again",
+                             student)
+            self.pool.done.pop(key)
+            self.pool.submit(Job(key, self.slug, notebook=nb))
+            result = self.pool.result(key)
+        return result
 
 
 def autograde(config: Config, slug: str, students: list[str], pool: Pool, log: logging.Logger,
@@ -203,7 +196,7 @@ def autograde(config: Config, slug: str, students: list[str], pool: Pool, log: l
         if not path.is_file():
             status.reason = f"no {slug}.ipynb in its submission"
         else:
-            status.reason = run.submit(student, path) or ""
+            run.submit(student, path)
         statuses[student] = status
     try:
         for student, status in statuses.items():
@@ -211,10 +204,10 @@ def autograde(config: Config, slug: str, students: list[str], pool: Pool, log: l
             app = Autograde(coursedir=coursedir(config, slug, student), config=config)
             app.force, app.create_student = True, True
             outcome = capture_log(app)
-            status.result = pool.done.get((student, slug), {})
+            status.result = pool.result((student, slug)) if (student, slug) in pool.submitted else {}
             status.graded = outcome["success"] and bool(status.result) and not status.result.get("failed")
             if not status.reason:
-                status.reason = _first_error(outcome) if not outcome["success"] else status.result.get("stopped") or ""
+                status.reason = status.result.get("stopped") or ("" if outcome["success"] else _first_error(outcome))
             if not status.graded:
                 log.error("%s: not graded: %s", student, status.reason)
             progress(student, status)

@@ -304,6 +304,8 @@ class NotebookGrader:
         self.checks = imported_checks(nb)
         self.prints = source_fingerprints(nb)
         self.result = NotebookResult(digest=code_digest(nb))
+        self.defined: dict[tuple[int, int], int] = {}
+        self._keep: list = []
         self.deadline = 0.0
         self.cell_deadline = 0.0
 
@@ -312,8 +314,16 @@ class NotebookGrader:
     def execute(self, run, student, case, forbidden: Forbidden) -> Outcome:
         if not isinstance(student, RemoteObject):  # course code checking course code
             return call_student(run, student, case, forbidden)
-        payload = ship((call_student, run, case, forbidden.shipped()))
-        reply = self._request({"op": "call", "name": student.name, "payload": payload})
+        code = self.defined.get((id(run), id(forbidden)))
+        if code is None:  # the check's code travels once per notebook, the cases with every call
+            code = len(self.defined)
+            self.defined[id(run), id(forbidden)] = code
+            self._keep.append((run, forbidden))  # their ids stay theirs while this notebook is graded
+            defined = self._request({"op": "define", "id": code,
+                                     "payload": ship((call_student, run, forbidden.shipped()))})
+            if defined.get("error"):
+                raise RuntimeError(f"the check's code did not load in the sandbox: {defined['error']}")
+        reply = self._request({"op": "call", "name": student.name, "code": code, "payload": ship(case)})
         if reply.get("printed"):
             print(_text(reply["printed"], 5000), end="" if str(reply["printed"]).endswith("\n") else "\n")
         found = self.outcome(reply.get("outcome"))

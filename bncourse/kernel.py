@@ -12,7 +12,7 @@ then obeys the grader on its control socket:
 
 The child runs cells with IPython (magics, display, matplotlib inline) and, on
 request, a check's ``run`` on one of the notebook's objects (course code shipped
-by the grader with cloudpickle). The course package is not here: ``bn_reference``
+by the grader with cloudpickle, once per notebook; then only the cases travel). The course package is not here: ``bn_reference``
 imports resolve to stand-ins whose ``check_*`` do nothing (the checks run outside)
 and whose reference names raise :class:`ReferenceNotAvailable` when used. The
 zygote is not dumpable, so a child cannot read or trace it.
@@ -35,6 +35,8 @@ import types
 
 from bncourse import protocol
 
+SCRATCH = "/tmp"            # the notebooks' writable folder (the sandbox's private /tmp)
+ISOLATED = False            # running in a PID namespace of our own
 STREAM_LIMIT = 100_000      # characters of stdout/stderr kept per cell
 DISPLAY_LIMIT = 2_000_000   # bytes of display data kept per cell
 PR_SET_DUMPABLE = 4
@@ -231,14 +233,28 @@ def _execute(shell, source: str) -> dict:
     return {"op": "executed", "outputs": outputs, "execution_count": shell.execution_count}
 
 
+_DEFINED: dict[int, tuple] = {}  # the checks' code the grader shipped: id -> (call_student, run, forbidden)
+
+
+def _define(request: dict) -> dict:
+    import cloudpickle
+    try:
+        _DEFINED[request["id"]] = cloudpickle.loads(request["payload"])
+    except Exception as exc:  # the check's code does not load here: a course bug, reported as one
+        return {"op": "defined", "error": f"{type(exc).__name__}: {exc}"[:500]}
+    return {"op": "defined"}
+
+
 def _call(shell, request: dict) -> dict:
-    """Run a check's ``run`` on the notebook's object ``request['name']``."""
+    """Run a check's ``run`` (shipped before, by :func:`_define`) on the notebook's object
+    ``request['name']``, with the case in ``request['payload']``."""
     import cloudpickle
     from dataclasses import asdict
 
     _begin_cell(shell)
     try:
-        call_student, run, case, forbidden = cloudpickle.loads(request["payload"])
+        call_student, run, forbidden = _DEFINED[request["code"]]
+        case = cloudpickle.loads(request["payload"])
         name = request["name"]
         if name not in shell.user_ns:
             reply = {"error": {"type": "NameError", "message": f"name {name!r} is not defined: run the cell that "
@@ -285,9 +301,9 @@ def _notebook_child(sock: socket.socket, shell, request: dict) -> None:
         _limit(resource.RLIMIT_NPROC, int(limits["processes"]))
     _limit(resource.RLIMIT_FSIZE, int(limits["file_size"]))
     _limit(resource.RLIMIT_CORE, 0)
-    for path in ("/tmp/work", "/tmp/home"):
-        os.makedirs(path, exist_ok=True)
-    os.chdir("/tmp/work")
+    for folder in ("work", "home"):
+        os.makedirs(os.path.join(SCRATCH, folder), exist_ok=True)
+    os.chdir(os.path.join(SCRATCH, "work"))
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):  # raw writes to the file descriptors go nowhere
         os.dup2(null, fd)
@@ -300,6 +316,8 @@ def _notebook_child(sock: socket.socket, shell, request: dict) -> None:
         message = protocol.recv(sock)
         if message["op"] == "exec":
             reply = _execute(shell, message["source"])
+        elif message["op"] == "define":
+            reply = _define(message)
         elif message["op"] == "call":
             reply = _call(shell, message)
         else:
@@ -342,12 +360,18 @@ def _remove(path: str) -> None:
 
 
 def _clean(child: int | None) -> dict:
-    """Kill every process of the sandbox but this one and PID 1, reap the child, wipe /tmp."""
+    """End the notebook: kill its processes, reap the child, wipe the scratch folder.
+
+    In the sandbox's own PID namespace that is every process but this one and PID 1
+    (``kill(-1)`` reaches nothing outside it); without one, only the child's session."""
     status = None
     for _ in range(500):
         try:
-            os.kill(-1, signal.SIGKILL)  # every process we may signal, except ourselves and PID 1
-        except ProcessLookupError:
+            if ISOLATED:
+                os.kill(-1, signal.SIGKILL)  # every process we may signal, except ourselves and PID 1
+            elif child:
+                os.killpg(child, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
             pass
         while True:
             try:
@@ -358,11 +382,11 @@ def _clean(child: int | None) -> dict:
                 break
             if pid == child:
                 status = code
-        if not _others():
+        if (child is None or status is not None) and not (ISOLATED and _others()):
             break
         time.sleep(0.01)
-    for name in os.listdir("/tmp"):
-        _remove(os.path.join("/tmp", name))
+    for name in os.listdir(SCRATCH):
+        _remove(os.path.join(SCRATCH, name))
     if status is None:
         return {"ended": "unknown"}
     if os.WIFSIGNALED(status):
@@ -373,7 +397,11 @@ def _clean(child: int | None) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--scratch", default="/tmp", help="the notebooks' writable folder, wiped after each")
+    parser.add_argument("--isolated", action="store_true", help="in a PID namespace of our own (bubblewrap)")
     args = parser.parse_args(argv)
+    global SCRATCH, ISOLATED
+    SCRATCH, ISOLATED = args.scratch, args.isolated
     ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     sys.meta_path.insert(0, _StubFinder())
     started = time.perf_counter()

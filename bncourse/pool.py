@@ -14,6 +14,7 @@ import multiprocessing
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Any, Iterator
 
 from bncourse.sandbox import Limits
@@ -23,9 +24,12 @@ UID_BASE = 60_000  # worker i's sandbox runs as user UID_BASE + i
 
 @dataclass
 class Job:
-    key: Any                 # how the caller knows the result (student, notebook)
-    slug: str                # the assignment
-    notebook: dict           # the sanitized notebook, as JSON
+    key: Any                         # how the caller knows the result: (student, notebook)
+    slug: str                        # the assignment
+    notebook: dict | None = None     # the sanitized notebook; or, to be sanitized by the worker:
+    path: str | None = None          # the submitted notebook,
+    root: str | None = None          # the course directory
+    db_url: str | None = None        # and its gradebook
 
 
 def _provided(slug: str, cache: dict) -> bytes | None:
@@ -35,24 +39,50 @@ def _provided(slug: str, cache: dict) -> bytes | None:
     return cache[slug]
 
 
-def _work(conn, index: int, limits: Limits, isolation: bool) -> None:
-    """A worker's loop: receive a Job, send back (key, NotebookResult dict)."""
+def _notebook(job: Job, configs: dict):
+    """The job's sanitized notebook: given, or sanitized here as nbgrader will."""
     import nbformat
 
+    from bncourse.autograde import course_config, sanitized
+    if job.notebook is not None:
+        return nbformat.from_dict(job.notebook)
+    if (job.root, job.db_url) not in configs:
+        configs[job.root, job.db_url] = course_config(Path(job.root), job.db_url)
+    return sanitized(configs[job.root, job.db_url], job.slug, job.key[0], Path(job.path))
+
+
+def _unreadable(exc: Exception) -> str:
+    if type(exc).__name__ == "NotJSONError":
+        return "the notebook is not valid JSON (a damaged or non-notebook file)"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"the notebook cannot be read ({type(exc).__name__}: {text[:300]})"
+
+
+def _work(conn, index: int, limits: Limits, isolation: bool) -> None:
+    """A worker's loop: receive a Job, send back (key, NotebookResult dict)."""
     from bncourse.judge import NotebookResult, grade_notebook
     from bncourse.sandbox import Sandbox, SessionDied
 
-    sandbox, provided = None, {}
+    sandbox, provided, configs = None, {}, {}
+    try:
+        sandbox = Sandbox(uid=UID_BASE + index, limits=limits, isolation=isolation)
+        sandbox.start()  # warm before the first notebook arrives
+    except SessionDied:
+        sandbox = None  # tried again, and reported, with the first notebook
     try:
         while True:
             job = conn.recv()
             if job is None:
                 break
             try:
+                nb = _notebook(job, configs)
+            except Exception as exc:  # nbformat's NotJSONError, invalid nbgrader metadata...
+                conn.send((job.key, NotebookResult(stopped=_unreadable(exc), failed=True).to_dict()))
+                continue
+            try:
                 if sandbox is None or not sandbox.alive():
                     sandbox = Sandbox(uid=UID_BASE + index, limits=limits, isolation=isolation)
                     sandbox.start()
-                nb = nbformat.from_dict(job.notebook)
                 result = grade_notebook(sandbox, nb, limits, _provided(job.slug, provided)).to_dict()
             except SessionDied as exc:
                 if sandbox is not None:
@@ -79,6 +109,7 @@ class Pool:
         self.queue: list[Job] = []
         self.busy: dict[int, Job] = {}
         self.done: dict[Any, dict] = {}
+        self.submitted: set = set()
 
     def _start(self, index: int):
         ours, theirs = self.context.Pipe()
@@ -89,6 +120,7 @@ class Pool:
 
     def submit(self, job: Job) -> None:
         self.queue.append(job)
+        self.submitted.add(job.key)
         self._dispatch()
 
     def _dispatch(self) -> None:

@@ -58,27 +58,27 @@ def write_csv(table, path: Path) -> Path:
 
 
 def chart_png(table) -> bytes:
-    """A horizontal stacked bar per task: passed, each misconception, unrecognised, not graded."""
+    """A horizontal stacked bar per task: passed (green), each misconception (its own
+    colour), not attempted, unrecognised and not graded (greys); the legend on the right."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     tasks = list(table)
-    outcomes = _outcome_order({o for t in table.values() for o in t})
-    colors = {PASSED: "#2e7d32", NOT_IMPLEMENTED: "#e0e0e0", UNRECOGNISED: "#9e9e9e", NOT_GRADED: "#212121"}
-    palette = colormaps["tab20"].colors
-    fig = Figure(figsize=(10, 1.0 + 0.55 * len(tasks)))
+    outcomes = [o for o in _outcome_order({o for t in table.values() for o in t})
+                if any(table[t].get(o) for t in tasks)]
+    fixed = {PASSED: "#2e7d32", NOT_IMPLEMENTED: "#d9d9d9", UNRECOGNISED: "#969696", NOT_GRADED: "#252525"}
+    palette = [c for i, c in enumerate(colormaps["tab20"].colors) if i not in (4, 5, 14, 15)]  # no greens, greys
+    named = iter(palette * 4)
+    fig = Figure(figsize=(11, max(2.2, 0.45 * len(tasks) + 0.9, 0.26 * len(outcomes) + 0.6)))
     ax = fig.subplots()
     left = [0] * len(tasks)
-    for i, outcome in enumerate(outcomes):
+    for outcome in outcomes:
         counts = [len(table[t].get(outcome, [])) for t in tasks]
-        if not any(counts):
-            continue
-        ax.barh(tasks, counts, left=left, label=outcome[:70], color=colors.get(outcome, palette[i % len(palette)]))
+        ax.barh(tasks, counts, left=left, label=outcome[:80], color=fixed.get(outcome) or next(named))
         left = [a + b for a, b in zip(left, counts)]
     ax.invert_yaxis()
     ax.set_xlabel("students")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.6 / (1 + 0.3 * len(tasks))), fontsize=7, ncol=1, frameon=False)
-    fig.tight_layout()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     return buffer.getvalue()

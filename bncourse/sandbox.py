@@ -100,8 +100,8 @@ def probe(uid: int = 60_000) -> str:
                                    "(`make system-deps` does it as root).")
     if os.geteuid() == 0 and _setpriv() is None:
         raise IsolationUnavailable("setpriv (util-linux) is missing: it drops root before bwrap starts.")
-    command = [_bwrap(), *_namespaces(), *_system_view(), "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp",
-               "--", *_user(uid), sys.executable, "-c", "import os, socket; print(os.getuid(), socket.if_nameindex())"]
+    command = [_bwrap(), *_namespaces(), *_system_view(), "--proc", "/proc", "--dev", "/dev", "--perms", "1777",
+               "--tmpfs", "/tmp", "--", *_user(uid), sys.executable, "-c", "import os, socket; print(os.getuid(), socket.if_nameindex())"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         raise IsolationUnavailable(f"bubblewrap could not start a sandbox here: {proc.stderr.strip()[:300]}")
@@ -149,27 +149,34 @@ class Sandbox:
     data: socket.socket | None = None
     startup_seconds: float = 0.0
 
+    scratch: str = "/tmp"  # the notebooks' writable folder: the sandbox's own /tmp, or a temporary folder
+
+    def environment(self) -> dict[str, str]:
+        """The kernel's whole environment (nothing of the instructor's is passed on)."""
+        return {"PATH": "/usr/bin:/bin", "HOME": f"{self.scratch}/home", "LANG": "C.UTF-8",
+                "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                "OPENBLAS_NUM_THREADS": "1", "JOBLIB_MULTIPROCESSING": "0",
+                "MPLBACKEND": "module://matplotlib_inline.backend_inline", "MPLCONFIGDIR": f"{self.scratch}/.matplotlib",
+                "PYTHONPATH": str(Path(bncourse.__file__).resolve().parents[1])}
+
     def command(self, control_fd: int) -> list[str]:
-        kernel = [sys.executable, "-m", "bncourse.kernel", "--control-fd", str(control_fd)]
-        env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp/home", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
-               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-               "JOBLIB_MULTIPROCESSING": "0",
-               "MPLBACKEND": "module://matplotlib_inline.backend_inline", "MPLCONFIGDIR": "/tmp/.matplotlib",
-               "PYTHONPATH": str(Path(bncourse.__file__).resolve().parents[1])}
+        kernel = [sys.executable, "-m", "bncourse.kernel", "--control-fd", str(control_fd), "--scratch", self.scratch]
         if not self.isolation:
-            return ["env", "-i", *(f"{k}={v}" for k, v in env.items()), *kernel]
-        setenv = [a for k, v in env.items() for a in ("--setenv", k, v)]
+            return kernel
+        setenv = [a for k, v in self.environment().items() for a in ("--setenv", k, v)]
         return [_bwrap(), *_namespaces(), "--clearenv", *setenv, *_system_view(), "--proc", "/proc",
-                "--dev", "/dev", "--size", str(self.limits.tmp_size), "--perms", "1777", "--tmpfs", "/tmp", "--chdir", "/tmp", "--",
-                *_user(self.uid), *kernel]
+                "--dev", "/dev", "--size", str(self.limits.tmp_size), "--perms", "1777", "--tmpfs", "/tmp",
+                "--chdir", "/tmp", "--", *_user(self.uid), *kernel, "--isolated"]
 
     def start(self, timeout: float = 180.0) -> None:
         """Start the kernel and wait until it has imported everything."""
         ours, theirs = socket.socketpair()
         self._log = tempfile.TemporaryFile()
+        if not self.isolation:
+            self.scratch = tempfile.mkdtemp(prefix="bncourse-")
         self.process = subprocess.Popen(self.command(theirs.fileno()), pass_fds=[theirs.fileno()],
-                                        stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
-                                        start_new_session=True)
+                                        env=self.environment(), cwd=self.scratch, stdin=subprocess.DEVNULL,
+                                        stdout=self._log, stderr=self._log, start_new_session=True)
         theirs.close()
         self.control = ours
         ready = self._ask(None, timeout)
@@ -245,3 +252,5 @@ class Sandbox:
             self.process.wait()
         if self.control is not None:
             self.control.close()
+        if not self.isolation and self.scratch != "/tmp":
+            shutil.rmtree(self.scratch, ignore_errors=True)

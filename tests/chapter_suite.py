@@ -11,10 +11,13 @@ A chapter's test file subclasses these with its own settings:
 
 from __future__ import annotations
 
+import importlib
+import inspect
+
 import nbformat
 import pytest
 
-from bn_reference.grading import CheckFailed
+from bn_reference.grading import REFERENCE_USED, CheckFailed
 from nbgrader_cycle import ROOT, run_cycle
 
 
@@ -59,6 +62,12 @@ class CatalogueSuite:
         with pytest.raises(CheckFailed, match=f"write your own {task} in"):
             self.checks[task](getattr(self.reference, task))
 
+    def test_the_reference_behind_a_wrapper_is_refused(self, task):
+        fn = getattr(self.reference, task)
+        with pytest.raises(CheckFailed) as failure:
+            self.checks[task](lambda *args, **kwargs: fn(*args, **kwargs))
+        assert failure.value.misconception == REFERENCE_USED
+
 
 class CycleSuite:
     """The grading cycle on the chapter's exercise, with the sandboxed class grader:
@@ -89,6 +98,21 @@ class CycleSuite:
         assert "BEGIN SOLUTION" not in text and "HIDDEN TESTS" not in text and "hidden=True" not in text
         assert text.count("raise NotImplementedError()") >= self.stubs
 
+    def test_the_release_shares_no_code_with_the_reference(self, cycle):
+        """Code the learner is given (helpers in the released notebook) must not look like a
+        copy of the reference or of a catalogue entry: the grader would refuse every answer."""
+        from bn_reference.grading.execution import Forbidden
+        from bncourse.judge import source_fingerprints
+
+        topic = self.slug.split("_", 1)[1]
+        reference, grading = (importlib.import_module(f"bn_reference{m}.{topic}") for m in ("", ".grading"))
+        course = [o for o in vars(reference).values()
+                  if (inspect.isfunction(o) or inspect.isclass(o)) and o.__module__ == reference.__name__]
+        impls = [m.impl for entries in grading.CATALOGUE.values() for m in entries]
+        forbidden = Forbidden.of(*course, *impls).fingerprints
+        shared = source_fingerprints(nbformat.read(cycle.release, as_version=4)) & set(forbidden)
+        assert not shared, [forbidden[fp] for fp in shared]
+
     def test_scores(self, cycle):
         assert cycle.scores["solution"] == (self.full_score, self.full_score), cycle.log
         assert cycle.scores["blank"] == (0, self.full_score), cycle.log
@@ -111,6 +135,15 @@ class CycleSuite:
         grade_cells = nbformat.read(cycle.release, as_version=4).cells
         checks = sum(1 for c in grade_cells if c.metadata.get("nbgrader", {}).get("grade") and c.cell_type == "code")
         assert "CheckFailed" not in solution and solution.count("cases agree") >= 2 * checks  # visible and hidden
+
+    def test_written_answers_wait_for_a_grader_instead_of_scoring_zero(self, cycle):
+        rows = {row["student_id"]: row for row in cycle.grades_csv}
+        assert float(rows["solution"]["pending_manual_points"]) > 0 and rows["solution"]["pending_manual_cells"] != "0"
+        assert float(rows["blank"]["pending_manual_points"] or 0) == 0  # no answer: nothing to wait for
+        assert "pending manual grading" in cycle.feedback["solution"]
+        canvas = (cycle.course / "reports" / self.slug / "grades_canvas.csv").read_text().splitlines()
+        assert canvas[0].startswith("Student,ID,SIS User ID,SIS Login ID,Section,")
+        assert any(line.startswith("blank,") and line.endswith(",0.0") for line in canvas)
 
     def test_the_report_counts_each_misconception(self, cycle):
         for student, (_, name) in self.buggy.items():

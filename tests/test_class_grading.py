@@ -525,3 +525,24 @@ def test_a_grader_failure_never_gives_marks():
     grades = [determine_grade(c)[0] for c in _grade_cells(nb)]
     assert grades and all(g == 0 for g in grades)
     assert "not graded: the sandbox failed" in _grade_cells(nb)[0].outputs[0].evalue
+
+
+def test_no_sandbox_no_grading_unless_the_instructor_says_so(tmp_path):
+    """Without bubblewrap, bncourse says so and refuses; --without-isolation grades anyway
+    (the submissions then run with the instructor's rights: here only trusted model answers)."""
+    import os
+    import subprocess
+    import sys
+
+    slug = "ch4_backprop"
+    course = make_course(tmp_path, [slug])
+    model, _ = model_and_release(course, slug)
+    write_submissions(tmp_path / "incoming", slug, {"ada": model})
+    env = dict(os.environ, PATH=str(Path(sys.executable).parent))  # no bwrap on the PATH
+    command = [sys.executable, "-m", "bncourse.cli", "--course", str(course), "grade", slug, str(tmp_path / "incoming")]
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 3 and "Refusing to grade: bubblewrap (bwrap) is not installed" in refused.stderr
+    assert not (course / "autograded").exists()
+    graded = subprocess.run([*command, "--without-isolation"], env=env, capture_output=True, text=True, timeout=600)
+    assert graded.returncode == 0, graded.stdout + graded.stderr
+    assert "WARNING: NO ISOLATION" in graded.stderr and "Graded 1 of 1" in graded.stdout

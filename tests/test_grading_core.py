@@ -239,3 +239,39 @@ def test_a_stub_says_the_function_is_not_implemented():
     with pytest.raises(CheckFailed, match="forward is not implemented yet: the function still raises") as failure:
         _check(stub)
     assert failure.value.misconception == NOT_IMPLEMENTED
+
+
+def test_ipython_shows_the_learner_the_message_not_the_grading_frames():
+    with pytest.raises(CheckFailed) as failure:
+        _check(lambda x, gamma, beta, eps=1e-5: (x, {}))
+    lines = failure.value._render_traceback_()  # what IPython prints instead of a traceback
+    assert lines[0].startswith("CheckFailed: forward is wrong on case") and "bn_reference" not in "\n".join(lines)
+
+
+_CALLS = []
+
+
+def counting(fn, case):
+    """A run function that counts its calls (a module-level list: a closure over it would
+    make the function's digest change with every call)."""
+    _CALLS.append(1)
+    return _run(fn, case)
+
+
+def test_course_outputs_are_remembered_only_for_identical_cases():
+    """Grading a class computes the reference's outputs once per case, not once per student;
+    a case whose data differ in one element, or cannot be digested, is computed again."""
+    from bn_reference.grading import _course_output
+
+    calls = _CALLS
+    calls.clear()
+    case = _cases(1)[0]
+    first = _course_output(counting, ref.batchnorm_forward, case)
+    again = _course_output(counting, ref.batchnorm_forward, Case(case.label, {k: v.copy() for k, v in case.data.items()}))
+    assert len(calls) == 1 and again is first
+    changed = {**case.data, "x": case.data["x"].copy()}
+    changed["x"][0, 0] += 1e-12
+    _course_output(counting, ref.batchnorm_forward, Case(case.label, changed))
+    _course_output(counting, ref.batchnorm_forward, Case(case.label, {**case.data, "opaque": object()}))
+    _course_output(counting, ref.batchnorm_forward, Case(case.label, {**case.data, "opaque": object()}))
+    assert len(calls) == 4

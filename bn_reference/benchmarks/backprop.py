@@ -18,15 +18,13 @@ so that the comparison is between implementations, not core counts
 from __future__ import annotations
 
 import argparse
-import math
 import platform
-import statistics
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import median_times
 from .. import backprop as ref
 
 __all__ = ["VARIANTS", "FULL", "QUICK", "run", "format_table", "plot", "main"]
@@ -35,7 +33,6 @@ VARIANTS = ("staged backward", "compact backward", "NumPy forward+backward", "Py
 FULL = {"shapes": [(64, 256), (512, 512), (4096, 1024)], "dtypes": ("float32", "float64"), "repeats": 21}
 QUICK = {"shapes": [(64, 256), (512, 512), (4096, 1024)], "dtypes": ("float32", "float64"), "repeats": 9}
 
-_MIN_SECONDS = 5e-3  # each timing averages enough calls to last at least this long
 
 
 def _variants(n: int, d: int, dtype: str, seed: int):
@@ -60,28 +57,6 @@ def _variants(n: int, d: int, dtype: str, seed: int):
     }
 
 
-def _calls_per_timing(fn) -> int:
-    """Warm up ``fn`` and return how many calls last about ``_MIN_SECONDS``."""
-    fn()
-    start = time.perf_counter()
-    fn()
-    return max(1, math.ceil(_MIN_SECONDS / max(time.perf_counter() - start, 1e-9)))
-
-
-def _median_times(fns: dict, repeats: int) -> dict:
-    """Median seconds per call of each callable, measured interleaved in a rotating order."""
-    calls = {name: _calls_per_timing(fn) for name, fn in fns.items()}
-    samples = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
-            for _ in range(calls[name]):
-                fns[name]()
-            samples[name].append((time.perf_counter() - start) / calls[name])
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 def run(shapes=FULL["shapes"], dtypes=FULL["dtypes"], repeats: int = FULL["repeats"], seed: int = 0,
         torch_threads: int = 1) -> list[dict]:
     """Time the four ``VARIANTS`` on every (N, D) in ``shapes`` and dtype in ``dtypes``.
@@ -100,7 +75,7 @@ def run(shapes=FULL["shapes"], dtypes=FULL["dtypes"], repeats: int = FULL["repea
         rows = []
         for n, d in shapes:
             for dtype in dtypes:
-                seconds = _median_times(_variants(n, d, dtype, seed), repeats)
+                seconds = median_times(_variants(n, d, dtype, seed), repeats)
                 rows.append({
                     "n": n, "d": d, "dtype": dtype, "torch_threads": torch.get_num_threads(), "seconds": seconds,
                     "staged/compact": seconds["staged backward"] / seconds["compact backward"],

@@ -22,14 +22,12 @@ not core counts (``--torch-threads`` changes it).
 from __future__ import annotations
 
 import argparse
-import math
 import platform
-import statistics
-import time
 
 import numpy as np
 import torch
 
+from . import median_times
 from .. import whitening as ref
 
 __all__ = ["VARIANTS", "RATIOS", "FULL", "QUICK", "run", "format_table", "plot", "main"]
@@ -41,7 +39,6 @@ RATIOS = {"ZCA/BN forward": ("ZCA forward", "BN forward"),
 FULL = {"m": 256, "dims": (16, 32, 64, 128, 256, 512, 1024), "repeats": 7}
 QUICK = {"m": 256, "dims": (16, 32, 64, 128, 256, 512), "repeats": 5}
 
-_MIN_SECONDS = 5e-3  # each timing averages enough calls to last at least this long
 
 
 def _variants(m: int, d: int, seed: int) -> dict:
@@ -65,29 +62,6 @@ def _variants(m: int, d: int, seed: int) -> dict:
             "BN forward+backward": forward_backward(ref.batchnorm_torch)}
 
 
-def _calls_per_timing(fn) -> int:
-    """Warm up ``fn`` (the first backward through eigh is slow) and return how many
-    calls last about ``_MIN_SECONDS``."""
-    fn()
-    start = time.perf_counter()
-    fn()
-    return max(1, math.ceil(_MIN_SECONDS / max(time.perf_counter() - start, 1e-9)))
-
-
-def _median_times(fns: dict, repeats: int) -> dict:
-    """Median seconds per call of each callable, measured interleaved in a rotating order."""
-    calls = {name: _calls_per_timing(fn) for name, fn in fns.items()}
-    samples = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
-            for _ in range(calls[name]):
-                fns[name]()
-            samples[name].append((time.perf_counter() - start) / calls[name])
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 def run(m: int = FULL["m"], dims=FULL["dims"], repeats: int = FULL["repeats"], seed: int = 0,
         torch_threads: int = 1) -> list[dict]:
     """Time the four ``VARIANTS`` on an (m, d) batch for every d in ``dims``.
@@ -106,7 +80,7 @@ def run(m: int = FULL["m"], dims=FULL["dims"], repeats: int = FULL["repeats"], s
     try:
         rows = []
         for d in dims:
-            seconds = _median_times(_variants(m, d, seed), repeats)
+            seconds = median_times(_variants(m, d, seed), repeats)
             row = {"m": m, "d": d, "torch_threads": torch.get_num_threads(), "seconds": seconds}
             row.update({name: seconds[a] / seconds[b] for name, (a, b) in RATIOS.items()})
             rows.append(row)
