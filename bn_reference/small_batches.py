@@ -18,7 +18,8 @@ odd batches, and trains the small networks of the chapter's figures.
   and Sec. 4), :func:`combine_batch_statistics` (what synchronized BN computes).
 * The chapter's experiments on scikit-learn's digits: :func:`load_digits_images`,
   :func:`make_convnet`, :func:`train_convnet`, :func:`accuracy`,
-  :func:`batch_size_sweep`, :func:`freeze_batchnorm`, :func:`fine_tune`.
+  :func:`batch_size_sweep`, :func:`fine_tune` (which freezes BN with Chapter 5's
+  :func:`~bn_reference.inference.freeze_batchnorm`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.nn import functional as F
 
-from .inference import TorchBatchNorm
+from .inference import TorchBatchNorm, freeze_batchnorm
 
 __all__ = [
     "WU_HE_2018",
@@ -53,7 +54,6 @@ __all__ = [
     "train_convnet",
     "accuracy",
     "batch_size_sweep",
-    "freeze_batchnorm",
     "fine_tune",
 ]
 
@@ -476,26 +476,12 @@ def batch_size_sweep(data, norms=("bn", "gn", "ln", "none"), batch_sizes=(2, 4, 
     return rows, models
 
 
-def freeze_batchnorm(model: nn.Module) -> nn.Module:
-    """Freeze every BN layer of ``model``: eval mode (normalize with the running
-    statistics and stop updating them) and no gradient for gamma and beta.
-
-    ``model.train()`` puts the layers back in training mode: call this after it.
-    Returns ``model``.
-    """
-    for module in model.modules():
-        if isinstance(module, (nn.modules.batchnorm._BatchNorm, TorchBatchNorm)):
-            module.eval()
-            module.requires_grad_(False)
-    return model
-
-
 def fine_tune(model: nn.Module, X, y, batch_size: int, steps: int, lr: float, freeze_bn: bool = False,
               seed: int = 0) -> nn.Module:
     """Fine-tune ``model`` in place for ``steps`` SGD steps (momentum 0.9,
     constant ``lr``) on random batches of ``batch_size`` from (X, y), with the
     model in training mode and, if ``freeze_bn``, its BN layers frozen
-    (:func:`freeze_batchnorm`). Returns ``model``.
+    (:func:`~bn_reference.inference.freeze_batchnorm`). Returns ``model``.
     """
     model.train()
     if freeze_bn:
