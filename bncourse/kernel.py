@@ -21,14 +21,15 @@ zygote is not dumpable, so a child cannot read or trace it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import importlib.abc
 import importlib.util
 import os
 import resource
-import shutil
 import signal
 import socket
+import stat
 import sys
 import time
 import types
@@ -346,17 +347,31 @@ def _others() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in (1, os.getpid())]
 
 
-def _remove(path: str) -> None:
-    """Delete ``path`` even if the notebook made its folders unreadable or unwritable."""
-    if os.path.islink(path) or not os.path.isdir(path):
-        os.unlink(path)
-        return
-    os.chmod(path, 0o700)
-    for root, dirs, _ in os.walk(path):
-        for d in dirs:
-            if not os.path.islink(os.path.join(root, d)):
-                os.chmod(os.path.join(root, d), 0o700)
-    shutil.rmtree(path, ignore_errors=True)
+def _wipe(top: str) -> None:
+    """Delete everything below ``top`` that lives on its file system, even what the notebook
+    made unreadable or unwritable; leave mount points (the read-only binds of Python and
+    this package, when they sit below ``/tmp``) alone."""
+    device, stack, folders = os.stat(top).st_dev, [os.path.join(top, n) for n in os.listdir(top)], []
+    while stack:
+        path = stack.pop()
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if info.st_dev != device:
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            folders.append(path)
+            with contextlib.suppress(OSError):
+                os.chmod(path, 0o700)
+            with contextlib.suppress(OSError):
+                stack.extend(os.path.join(path, name) for name in os.listdir(path))
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    for path in reversed(folders):
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
 
 
 def _clean(child: int | None) -> dict:
@@ -385,8 +400,7 @@ def _clean(child: int | None) -> dict:
         if (child is None or status is not None) and not (ISOLATED and _others()):
             break
         time.sleep(0.01)
-    for name in os.listdir(SCRATCH):
-        _remove(os.path.join(SCRATCH, name))
+    _wipe(SCRATCH)
     if status is None:
         return {"ended": "unknown"}
     if os.WIFSIGNALED(status):

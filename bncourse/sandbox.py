@@ -100,8 +100,8 @@ def probe(uid: int = 60_000) -> str:
                                    "(`make system-deps` does it as root).")
     if os.geteuid() == 0 and _setpriv() is None:
         raise IsolationUnavailable("setpriv (util-linux) is missing: it drops root before bwrap starts.")
-    command = [_bwrap(), *_namespaces(), *_system_view(), "--proc", "/proc", "--dev", "/dev", "--perms", "1777",
-               "--tmpfs", "/tmp", "--", *_user(uid), sys.executable, "-c", "import os, socket; print(os.getuid(), socket.if_nameindex())"]
+    command = [_bwrap(), *_namespaces(), "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp",
+               *_system_view(), "--", *_user(uid), sys.executable, "-c", "import os, socket; print(os.getuid(), socket.if_nameindex())"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         raise IsolationUnavailable(f"bubblewrap could not start a sandbox here: {proc.stderr.strip()[:300]}")
@@ -164,8 +164,9 @@ class Sandbox:
         if not self.isolation:
             return kernel
         setenv = [a for k, v in self.environment().items() for a in ("--setenv", k, v)]
-        return [_bwrap(), *_namespaces(), "--clearenv", *setenv, *_system_view(), "--proc", "/proc",
-                "--dev", "/dev", "--size", str(self.limits.tmp_size), "--perms", "1777", "--tmpfs", "/tmp",
+        # /tmp first: a course that lives below /tmp is bound on top of it, not hidden by it
+        return [_bwrap(), *_namespaces(), "--clearenv", *setenv, "--proc", "/proc", "--dev", "/dev",
+                "--size", str(self.limits.tmp_size), "--perms", "1777", "--tmpfs", "/tmp", *_system_view(),
                 "--chdir", "/tmp", "--", *_user(self.uid), *kernel, "--isolated"]
 
     def start(self, timeout: float = 180.0) -> None:
