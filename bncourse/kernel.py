@@ -343,6 +343,15 @@ def _preload():
     return _make_shell()
 
 
+def _identities() -> list[tuple[int, int]]:
+    """(device, inode) of the folders Python imports from: if a notebook managed to move or
+    replace one (they are read-only binds, but may sit below the writable /tmp), the next
+    notebook must not import from it."""
+    import bncourse
+    folders = [sys.prefix, sys.base_prefix, os.path.dirname(bncourse.__file__)]
+    return [(info.st_dev, info.st_ino) for info in map(os.stat, folders)]
+
+
 def _others() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in (1, os.getpid())]
 
@@ -420,6 +429,7 @@ def main(argv=None) -> None:
     sys.meta_path.insert(0, _StubFinder())
     started = time.perf_counter()
     shell = _preload()
+    trusted = _identities()
     control = socket.socket(fileno=args.control_fd)
     protocol.send(control, {"op": "ready", "pid": os.getpid(), "seconds": time.perf_counter() - started})
     child = None
@@ -447,8 +457,12 @@ def main(argv=None) -> None:
                 pass
             protocol.send(control, {"op": "interrupted"})
         elif op == "stop":
-            protocol.send(control, {"op": "stopped", **_clean(child)})
+            ended = _clean(child)
+            healthy = _identities() == trusted
+            protocol.send(control, {"op": "stopped", "healthy": healthy, **ended})
             child = None
+            if not healthy:  # the notebook moved what later notebooks import from: start afresh
+                return
         elif op == "exit":
             _clean(child)
             return

@@ -81,6 +81,8 @@ def _work(conn, index: int, limits: Limits, isolation: bool) -> None:
                 continue
             try:
                 if sandbox is None or not sandbox.alive():
+                    if sandbox is not None:
+                        sandbox.shutdown()
                     sandbox = Sandbox(uid=UID_BASE + index, limits=limits, isolation=isolation)
                     sandbox.start()
                 result = grade_notebook(sandbox, nb, limits, _provided(job.slug, provided)).to_dict()

@@ -148,6 +148,7 @@ class Sandbox:
     control: socket.socket | None = None
     data: socket.socket | None = None
     startup_seconds: float = 0.0
+    healthy: bool = True
 
     scratch: str = "/tmp"  # the notebooks' writable folder: the sandbox's own /tmp, or a temporary folder
 
@@ -191,7 +192,8 @@ class Sandbox:
         return self._log.read()[-2000:].decode(errors="replace")
 
     def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        """Whether the kernel runs and may grade another notebook."""
+        return self.process is not None and self.process.poll() is None and self.healthy
 
     def _ask(self, message: dict | None, timeout: float) -> dict:
         """Send ``message`` on the control socket (if any) and read the reply."""
@@ -238,7 +240,9 @@ class Sandbox:
         if self.data is not None:
             self.data.close()
             self.data = None
-        return self._ask({"op": "stop"}, 60.0)
+        ended = self._ask({"op": "stop"}, 60.0)
+        self.healthy = bool(ended.get("healthy", True))
+        return ended
 
     def shutdown(self) -> None:
         """Stop the kernel and the sandbox."""

@@ -107,6 +107,7 @@ def _attacks(model, release, course: Path, port: int) -> dict:
         "writes_gradebook": inject(model, WRITE_GRADEBOOK.format(db=course / "gradebook.db"), cell=0),
         "forges_files": inject(model, FORGE_FILES.format(course=course, root=ROOT), cell=0),
         "opens_sockets": inject(model, SOCKETS.format(port=port), cell=0),
+        "moves_python": inject(model, MOVE_PYTHON, cell=0),
         "warns": inject(model, "import warnings\n_g = mse_gradient\ndef mse_gradient(X, y, w, b):\n"
                                "    warnings.warn('a harmless warning')\n    np.log(np.zeros(1))\n"
                                "    return _g(X, y, w, b)", cell=2),
@@ -231,6 +232,20 @@ for host, port in [("127.0.0.1", {port}), ("8.8.8.8", 53), ("1.1.1.1", 443)]:
         print("CONNECTED", host, port)
     except OSError as exc:
         print("no network:", host, type(exc).__name__)
+'''
+
+
+MOVE_PYTHON = '''
+import os, sys
+for folder in [sys.prefix, sys.base_prefix, os.path.dirname(os.__file__)]:
+    parent = os.path.dirname(folder)
+    for attempt, act in [("rename", lambda: os.rename(parent, parent + "_moved")),
+                         ("plant", lambda: open(os.path.join(parent, "planted.py"), "w").write("x = 1"))]:
+        try:
+            act()
+            print("MOVED", attempt, parent)
+        except OSError as exc:
+            print("move refused:", attempt, type(exc).__name__)
 '''
 
 
@@ -479,6 +494,11 @@ def test_other_students_files_and_the_configuration_cannot_be_touched(graded):
     outputs = _outputs(graded.autograded["forges_files"])
     assert "WROTE" not in outputs and "DELETED" not in outputs
     assert outputs.count("refused:") == 7
+
+
+def test_the_python_that_later_notebooks_import_from_cannot_be_moved(graded):
+    outputs = _outputs(graded.autograded["moves_python"])
+    assert "MOVED" not in outputs and outputs.count("move refused:") == 6
 
 
 def test_no_network_not_even_the_graders_loopback(graded):
