@@ -153,6 +153,7 @@ class StudentStatus:
     graded: bool = False
     reason: str = ""                # why not, or what was odd
     result: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what nbgrader warned about (edited grade cells...)
 
 
 class ClassRun:
@@ -204,6 +205,8 @@ def autograde(config: Config, slug: str, students: list[str], pool: Pool, log: l
             app = Autograde(coursedir=coursedir(config, slug, student), config=config)
             app.force, app.create_student = True, True
             outcome = capture_log(app)
+            status.warnings = [line.removeprefix("[WARNING] ") for line in outcome.get("log", "").splitlines()
+                               if line.startswith("[WARNING]")]
             status.result = pool.result((student, slug)) if (student, slug) in pool.submitted else {}
             status.graded = outcome["success"] and bool(status.result) and not status.result.get("failed")
             if not status.reason:

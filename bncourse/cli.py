@@ -177,6 +177,11 @@ def cmd_autograde(args, isolation: bool | None = None):
             print(f"  NOT GRADED {status.student}: {status.reason}")
         elif status.reason:
             print(f"  {status.student}: {status.reason}")
+    warned = {s.student: s.warnings for s in statuses.values() if s.warnings}
+    if warned:
+        print("nbgrader's warnings (a grade cell edited, its points changed...; all in grading.log):")
+        for student, warnings in warned.items():
+            print(f"  {student}: {warnings[0][:160]}" + (f" (and {len(warnings) - 1} more)" if len(warnings) > 1 else ""))
     return statuses
 
 

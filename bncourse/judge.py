@@ -327,7 +327,9 @@ class NotebookGrader:
         if reply.get("printed"):
             print(_text(reply["printed"], 5000), end="" if str(reply["printed"]).endswith("\n") else "\n")
         found = self.outcome(reply.get("outcome"))
-        copied = sorted({name for fp, name in forbidden.fingerprints.items() if fp in self.prints})
+        # a copy of *this task's* reference anywhere in the notebook's source; a copy of other course
+        # code counts where it runs inside the learner's call (the sandbox reports that)
+        copied = sorted({forbidden.fingerprints[fp] for fp in forbidden.own & self.prints})
         found.reference_used = sorted(set(found.reference_used) | set(copied))
         return found
 

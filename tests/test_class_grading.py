@@ -403,6 +403,10 @@ def test_deleted_edited_and_inflated_grade_cells_are_restored(graded):
     assert graded.scores["raised_points"] == (full, full)
     assert graded.scores["edited_grade_cells"][0] < full
     assert "the factor 2 is missing" in _text(graded, "edited_grade_cells")
+    # the instructor is told who tampered, and not about the grade cells every release differs in
+    summary = graded.log.split("nbgrader's warnings")[1]
+    assert graded.ids["edited_grade_cells"] in summary and graded.ids["raised_points"] in summary
+    assert graded.ids["c00"] not in summary
 
 
 def test_hidden_test_markers_in_a_solution_cell_are_just_text(graded):
@@ -471,8 +475,9 @@ def test_patching_the_checks_or_numpy_changes_nothing(graded, student):
 @pytest.mark.parametrize("student, task", [("calls_reference", "mse_gradient"), ("pastes_reference", "mse_gradient"),
                                            ("subclasses_reference", "standard_scaler")])
 def test_the_reference_is_not_a_way_to_pass(graded, student, task):
-    verdict = {t["task"]: t for t in graded.results[student]["tasks"]}[task]
-    assert verdict["status"] == "failed" and verdict["misconception"] == REFERENCE_USED, verdict
+    verdicts = {t["task"]: t for t in graded.results[student]["tasks"]}
+    assert verdicts[task]["status"] == "failed" and verdicts[task]["misconception"] == REFERENCE_USED, verdicts
+    assert verdicts["hessian_condition_number"]["status"] == "passed"  # their own code elsewhere still counts
     assert graded.scores[student][0] < _full(graded)
 
 

@@ -235,7 +235,8 @@ def _forbidden(reference: Any, catalogue: Sequence[Misconception], student: Any)
         return Forbidden()
     key = (id(reference), *(id(i) for i in impls))
     if key not in _FORBIDDEN_CACHE:  # keep the objects alive so that their ids stay unique
-        _FORBIDDEN_CACHE[key] = ((reference, *impls), Forbidden.of(reference, *_course_code(reference), *impls))
+        forbidden = Forbidden.of(reference, *_course_code(reference), *impls).with_own(reference)
+        _FORBIDDEN_CACHE[key] = ((reference, *impls), forbidden)
     return _FORBIDDEN_CACHE[key][1]
 
 

@@ -151,6 +151,7 @@ class Forbidden:
 
     codes: Mapping[types.CodeType, str] = field(default_factory=dict)
     fingerprints: Mapping[str, str] = field(default_factory=dict)
+    own: frozenset = frozenset()  # fingerprints of the task's own reference: a copy of it *in the source* counts
 
     @classmethod
     def of(cls, *objects: Any) -> "Forbidden":
@@ -166,9 +167,13 @@ class Forbidden:
                 prints.setdefault(fp, name)
         return cls(codes, prints)
 
+    def with_own(self, reference: Any) -> "Forbidden":
+        """This set, marking the fingerprints of ``reference`` (the task's reference object)."""
+        return Forbidden(self.codes, self.fingerprints, frozenset(Forbidden.of(reference).fingerprints))
+
     def shipped(self) -> "Forbidden":
         """The part that can travel to another process: the fingerprints."""
-        return Forbidden({}, dict(self.fingerprints))
+        return Forbidden({}, dict(self.fingerprints), self.own)
 
     def match(self, code: types.CodeType) -> str | None:
         """The name of the forbidden code ``code`` is (or is a copy of), else None."""
