@@ -5,14 +5,15 @@ and locked cells from the gradebook, and here also the deleted grade cells) and
 *autograding* (execute, then score into the gradebook). This module keeps both
 and replaces only the execution:
 
-1. every submission is sanitized up front, exactly as nbgrader will sanitize it,
-   and sent to a :class:`~bncourse.pool.Pool` of sandboxed workers, which grade
-   the class in parallel (:mod:`bncourse.judge`);
-2. nbgrader's ``Autograde`` then runs student by student with
+1. every submission goes up front to a :class:`~bncourse.pool.Pool` of workers,
+   which sanitize it exactly as nbgrader will and grade it in their sandboxes,
+   side by side (:mod:`bncourse.judge`);
+2. meanwhile nbgrader's ``Autograde`` runs student by student with
    :class:`SandboxExecute` in place of its ``Execute``: it waits for that
-   notebook's result and writes the outputs; nbgrader's ``SaveAutoGrades`` scores
-   them into the gradebook (SQLite or any ``db_url``), so the formgrader, manual
-   grading and ``nbgrader export`` work as always.
+   notebook's result (checking that it was made from the same cells) and writes
+   the outputs; nbgrader's ``SaveAutoGrades`` scores them into the gradebook
+   (SQLite or any ``db_url``), so the formgrader, manual grading and
+   ``nbgrader export`` work as always.
 """
 
 from __future__ import annotations

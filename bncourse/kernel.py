@@ -427,11 +427,10 @@ def main(argv=None) -> None:
     SCRATCH, ISOLATED = args.scratch, args.isolated
     ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     sys.meta_path.insert(0, _StubFinder())
-    started = time.perf_counter()
     shell = _preload()
     trusted = _identities()
     control = socket.socket(fileno=args.control_fd)
-    protocol.send(control, {"op": "ready", "pid": os.getpid(), "seconds": time.perf_counter() - started})
+    protocol.send(control, {"op": "ready"})
     child = None
     while True:
         message = protocol.recv(control)

@@ -15,7 +15,7 @@ import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from bncourse.sandbox import Limits
 
@@ -102,7 +102,7 @@ def _work(conn, index: int, limits: Limits, isolation: bool) -> None:
 
 
 class Pool:
-    """``workers`` grader processes; :meth:`submit` jobs, then iterate :meth:`results`."""
+    """``workers`` grader processes: :meth:`submit` jobs, wait for one with :meth:`result`."""
 
     def __init__(self, workers: int, limits: Limits, isolation: bool = True):
         self.limits, self.isolation = limits, isolation
@@ -132,9 +132,6 @@ class Pool:
                 conn.send(job)
                 self.busy[i] = job
 
-    def pending(self) -> int:
-        return len(self.queue) + len(self.busy)
-
     def step(self, timeout: float | None = None) -> list[Any]:
         """Wait for at least one result (or ``timeout``); returns the keys that finished."""
         waiting = {self.workers[i][1]: i for i in self.busy} | {self.workers[i][0].sentinel: i for i in self.busy}
@@ -163,12 +160,6 @@ class Pool:
         while key not in self.done:
             self.step()
         return self.done[key]
-
-    def results(self) -> Iterator[tuple[Any, dict]]:
-        """Every result, as it comes in."""
-        while self.pending():
-            for key in self.step():
-                yield key, self.done[key]
 
     def close(self) -> None:
         for process, conn in self.workers:

@@ -147,7 +147,6 @@ class Sandbox:
     process: subprocess.Popen | None = None
     control: socket.socket | None = None
     data: socket.socket | None = None
-    startup_seconds: float = 0.0
     healthy: bool = True
 
     scratch: str = "/tmp"  # the notebooks' writable folder: the sandbox's own /tmp, or a temporary folder
@@ -184,7 +183,6 @@ class Sandbox:
         ready = self._ask(None, timeout)
         if ready.get("op") != "ready":
             raise SessionDied(f"the kernel did not start: {self.log_tail()}")
-        self.startup_seconds = float(ready.get("seconds", 0.0))
 
     def log_tail(self) -> str:
         """The end of what the kernel wrote to its stdout/stderr (for diagnosing its death)."""

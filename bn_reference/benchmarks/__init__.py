@@ -37,3 +37,13 @@ def median_times(fns: dict, repeats: int) -> dict:
                 fns[name]()
             samples[name].append((time.perf_counter() - start) / calls[name])
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def text_table(head: list[str], lines: list[list[str]]) -> str:
+    """``head`` and ``lines`` (rows of cells) as right-aligned columns with a rule below the head."""
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+
+    def fmt(cells):
+        return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import median_times
+from . import median_times, text_table
 from .. import backprop as ref
 
 __all__ = ["VARIANTS", "FULL", "QUICK", "run", "format_table", "plot", "main"]
@@ -91,9 +91,7 @@ def format_table(rows: list[dict]) -> str:
     head = ["N x D", "dtype", *(f"{v} ms" for v in VARIANTS), "staged/compact", "PyTorch/NumPy"]
     lines = [[f"{r['n']} x {r['d']}", r["dtype"], *(f"{1e3 * r['seconds'][v]:.3f}" for v in VARIANTS),
               f"{r['staged/compact']:.2f}", f"{r['PyTorch/NumPy']:.2f}"] for r in rows]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+    return text_table(head, lines)
 
 
 def _environment(rows: list[dict]) -> str:

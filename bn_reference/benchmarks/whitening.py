@@ -27,7 +27,7 @@ import platform
 import numpy as np
 import torch
 
-from . import median_times
+from . import median_times, text_table
 from .. import whitening as ref
 
 __all__ = ["VARIANTS", "RATIOS", "FULL", "QUICK", "run", "format_table", "plot", "main"]
@@ -104,9 +104,7 @@ def format_table(rows: list[dict]) -> str:
     head = ["m x d", *(f"{v} ms" for v in VARIANTS), *RATIOS]
     lines = [[f"{r['m']} x {r['d']}", *(f"{1e3 * r['seconds'][v]:.3f}" for v in VARIANTS),
               *(f"{r[k]:.0f}" if r[k] >= 10 else f"{r[k]:.1f}" for k in RATIOS)] for r in rows]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+    return text_table(head, lines)
 
 
 def _environment(rows: list[dict]) -> str:

@@ -36,7 +36,7 @@ import numpy as np
 
 from .execution import Forbidden, LearnerError, Outcome, current_executor
 
-__all__ = ["CheckFailed", "Case", "Misconception", "run_check", "report_pass", "outputs_match",
+__all__ = ["CheckFailed", "Case", "Misconception", "run_check", "report_pass",
            "REFERENCE_USED", "INPUT_CHANGED", "INSTRUMENTATION_OFF", "NOT_IMPLEMENTED"]
 
 #: Misconceptions every check recognises, whatever the chapter.
@@ -171,16 +171,6 @@ def _differences(expected: Any, got: Any, rtol: float, atol: float) -> dict[str,
             diffs[path] = diff
     diffs.update({path: "not expected" for path in g_leaves if path not in e_leaves})
     return diffs
-
-
-def outputs_match(expected: Any, got: Any, rtol: float = 1e-7, atol: float = 1e-9) -> str | None:
-    """Compare two nested outputs leaf by leaf (NaN equals NaN).
-
-    Returns ``None`` when they match, otherwise a message naming the first
-    output that differs and how.
-    """
-    diffs = _differences(expected, got, rtol, atol)
-    return next((f"{path}: {diff}" for path, diff in diffs.items()), None)
 
 
 def _match_score(wrong: Any, got: Any, diffs: dict[str, str], rtol: float, atol: float) -> tuple[int, int]:
