@@ -106,7 +106,8 @@ def probe(uid: int = 60_000) -> str:
     if proc.returncode != 0:
         raise IsolationUnavailable(f"bubblewrap could not start a sandbox here: {proc.stderr.strip()[:300]}")
     version = subprocess.run([_bwrap(), "--version"], capture_output=True, text=True).stdout.strip()
-    who = f"as user {uid}+ (not root, no capabilities)" if os.geteuid() == 0 else "in a user namespace"
+    who = (f"as user {uid}+ (not root, no capabilities)" if os.geteuid() == 0 else
+           "in a user namespace of its own (without root the per-notebook process limit is off)")
     return (f"{version}: each submission runs {who} in new PID, network (no interface but its own "
             f"loopback), IPC, UTS and cgroup namespaces, sees the system and Python "
             f"read-only and neither the course directory (solutions, gradebook, other submissions) nor any "
