@@ -571,3 +571,23 @@ def test_no_sandbox_no_grading_unless_the_instructor_says_so(tmp_path):
     graded = subprocess.run([*command, "--without-isolation"], env=env, capture_output=True, text=True, timeout=600)
     assert graded.returncode == 0, graded.stdout + graded.stderr
     assert "WARNING: NO ISOLATION" in graded.stderr and "Graded 1 of 1" in graded.stdout
+
+
+def test_nbgraders_own_commands_still_work(tmp_path):
+    """The documented fallback: plain `nbgrader autograde` and `generate_feedback` with the
+    course's nbgrader_config.py (no sandbox: only trusted model answers here)."""
+    from nbgrader.api import Gradebook
+
+    from nbgrader_cycle import nbgrader
+
+    slug = "ch4_backprop"
+    course = make_course(tmp_path, [slug])
+    model, release = model_and_release(course, slug)
+    write_submissions(course / "submitted", slug, {"ada": model, "bob": release})
+    log = nbgrader(course, "autograde", slug, "--create") + nbgrader(course, "generate_feedback", slug)
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
+        ada, bob = gb.find_submission(slug, "ada"), gb.find_submission(slug, "bob")
+        assert ada.code_score == ada.max_code_score > 0 and bob.code_score == 0, log
+    feedback = (course / "feedback" / "ada" / slug / f"{slug}.html").read_text()
+    assert "pending manual grading" in feedback and "HIDDEN TESTS" not in feedback and "hidden=True" not in feedback
+    assert "checksum" not in log  # the released grade cells' hidden tests are not reported as changes
