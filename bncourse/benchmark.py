@@ -30,39 +30,70 @@ ROOT = Path(__file__).resolve().parents[1]
 KINDS = ["correct", "correct", "half", "correct", "blank", "correct", "crashing", "correct", "half", "corrupt"]
 
 
-def _env() -> dict:
+SOLUTION_MARKERS = ("### BEGIN SOLUTION", "### END SOLUTION")
+
+
+def environment() -> dict:
+    """The environment for the course's commands: this Python's tools first on the PATH."""
     return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 
 
-def _run(args: list[str], cwd: Path) -> None:
-    subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=7200)
+def nbgrader(course: Path, *args: str) -> str:
+    """Run an nbgrader command in ``course``; its combined output (a failure raises,
+    except for autograde, which fails on purpose for a damaged submission)."""
+    proc = subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=course, env=environment(),
+                          capture_output=True, text=True, timeout=7200)
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0 and args[0] != "autograde":
+        raise RuntimeError(f"nbgrader {' '.join(args)} failed:\n{output}")
+    return output
+
+
+def make_course(folder: Path, slugs: list[str], book_config: str | None = None) -> Path:
+    """``folder/course``: a course directory with the repository's nbgrader_config.py and
+    _config.yml (or ``book_config``: the released notebooks install from the repository it
+    names) and the chapters' sources, released with ``nbgrader generate_assignment``."""
+    course = folder / "course"
+    course.mkdir(parents=True)
+    shutil.copy(ROOT / "nbgrader_config.py", course)
+    (course / "_config.yml").write_text(book_config or (ROOT / "_config.yml").read_text())
+    for slug in slugs:
+        shutil.copytree(ROOT / "solutions" / slug, course / "solutions" / slug)
+        nbgrader(course, "generate_assignment", slug, "--force")
+    return course
+
+
+def answered(release, solution, stubs: int | None = None) -> nbformat.NotebookNode:
+    """The release with every answer cell replaced by the model answer (markers removed),
+    except the ``stubs``-th answer cell, left as released."""
+    answers = {c.metadata["nbgrader"]["grade_id"]: c.source for c in solution.cells
+               if c.metadata.get("nbgrader", {}).get("solution")}
+    nb = nbformat.from_dict(release)
+    cells = [c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") in answers]
+    for i, cell in enumerate(cells):
+        if i != stubs:
+            lines = answers[cell.metadata["nbgrader"]["grade_id"]].splitlines()
+            cell.source = "\n".join(line for line in lines if line.strip() not in SOLUTION_MARKERS)
+    return nb
 
 
 def _submission(kind: str, release, solution) -> str:
     """A notebook of the given kind, as JSON text."""
-    nb = nbformat.from_dict(release)
-    answers = {c.metadata["nbgrader"]["grade_id"]: c.source for c in solution.cells
-               if c.metadata.get("nbgrader", {}).get("solution") and c.cell_type == "code"}
-    answered = [c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") in answers]
-    for i, cell in enumerate(answered):
-        keep_stub = kind == "blank" or (kind == "half" and i == len(answered) // 2)
-        if not keep_stub:
-            lines = answers[cell.metadata["nbgrader"]["grade_id"]].splitlines()
-            cell.source = "\n".join(line for line in lines if "### BEGIN SOLUTION" not in line
-                                    and "### END SOLUTION" not in line)
-        if kind == "crashing" and i == 0:
-            cell.source = "raise RuntimeError('a bug in the first answer')\n" + cell.source
-    return '{"cells": [ damaged' if kind == "corrupt" else nbformat.writes(nb)
+    if kind == "corrupt":
+        return '{"cells": [ damaged'
+    code = [c for c in solution.cells if c.metadata.get("nbgrader", {}).get("solution") and c.cell_type == "code"]
+    nb = release if kind == "blank" else answered(release, solution, len(code) // 2 if kind == "half" else None)
+    if kind == "crashing":
+        nb = nbformat.from_dict(nb)
+        first = next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("solution") and c.cell_type == "code")
+        first.source = "raise RuntimeError('a bug in the first answer')\n" + first.source
+    return nbformat.writes(nb)
 
 
 def build(folder: Path, chapters: list[str], students: int) -> Path:
     """A course directory with the chapters released and every student's submissions."""
-    course = folder / "course"
-    course.mkdir(parents=True)
-    shutil.copy(ROOT / "nbgrader_config.py", course)
+    course = make_course(folder, chapters)
     for slug in chapters:
-        shutil.copytree(ROOT / "solutions" / slug, course / "solutions" / slug)
-        _run([sys.executable, "-m", "nbgrader", "generate_assignment", slug, "--force"], course)
         release = nbformat.read(course / "exercises" / slug / f"{slug}.ipynb", as_version=4)
         solution = nbformat.read(course / "solutions" / slug / f"{slug}.ipynb", as_version=4)
         for i in range(students):
@@ -100,12 +131,12 @@ def main(argv=None) -> None:
         timings = {}
         started = time.perf_counter()
         for slug in args.chapters:
-            _run([sys.executable, "-m", "nbgrader", "autograde", slug, "--create"], plain)
+            nbgrader(plain, "autograde", slug, "--create")
         timings["nbgrader autograde (serial, no sandbox)"] = time.perf_counter() - started
         started = time.perf_counter()
         for slug in args.chapters:
-            _run([sys.executable, "-m", "bncourse.cli", "--course", str(sandboxed), "autograde", slug,
-                  "--workers", str(args.workers)], sandboxed)
+            subprocess.run([sys.executable, "-m", "bncourse.cli", "--course", str(sandboxed), "autograde", slug,
+                            "--workers", str(args.workers)], env=environment(), capture_output=True, timeout=7200)
         timings[f"bncourse autograde ({args.workers} workers, sandboxed)"] = time.perf_counter() - started
         for name, seconds in timings.items():
             print(f"  {name:45s} {seconds:8.1f} s   {seconds / n:6.2f} s per notebook")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -25,8 +24,9 @@ from pathlib import Path
 import nbformat
 from nbgrader.api import Gradebook
 
+from bncourse.benchmark import answered, environment, make_course
+
 ROOT = Path(__file__).resolve().parents[1]
-SOLUTION_MARKERS = ("### BEGIN SOLUTION", "### END SOLUTION")
 
 
 @dataclass
@@ -39,19 +39,6 @@ class CycleResult:
     results: dict              # student -> the grader's verdicts (reports/<slug>/results/<student>.json)
     log: str                   # the commands' output, for diagnosing failures
     exit_code: int             # of bncourse grade
-
-
-def _env() -> dict:
-    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-
-
-def nbgrader(course: Path, *args: str) -> str:
-    """Run an nbgrader command in ``course``; return its combined output."""
-    proc = subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=course, env=_env(),
-                          capture_output=True, text=True, timeout=900)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0 or args[0] == "autograde", f"nbgrader {' '.join(args)} failed:\n{output}"
-    return output
 
 
 def require_isolation() -> None:
@@ -70,35 +57,8 @@ def require_isolation() -> None:
 def bncourse(course: Path, *args: str) -> subprocess.CompletedProcess:
     """Run ``bncourse --course course ...`` as an instructor would."""
     require_isolation()
-    return subprocess.run([sys.executable, "-m", "bncourse.cli", "--course", str(course), *args], env=_env(),
+    return subprocess.run([sys.executable, "-m", "bncourse.cli", "--course", str(course), *args], env=environment(),
                           capture_output=True, text=True, timeout=1800)
-
-
-def make_course(tmp_path: Path, slugs: list[str], book_config: str | None = None) -> Path:
-    """A course directory with the repository's nbgrader_config.py and _config.yml (or
-    ``book_config``: the released notebooks install from the repository it names) and
-    the chapters' sources, released."""
-    course = tmp_path / "course"
-    course.mkdir()
-    shutil.copy(ROOT / "nbgrader_config.py", course)
-    (course / "_config.yml").write_text(book_config or (ROOT / "_config.yml").read_text())
-    for slug in slugs:
-        shutil.copytree(ROOT / "solutions" / slug, course / "solutions" / slug)
-        nbgrader(course, "generate_assignment", slug, "--force")
-    return course
-
-
-def answered(release: nbformat.NotebookNode, solution: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """The release with every answer cell replaced by the model answer (markers removed)."""
-    answers = {c.metadata["nbgrader"]["grade_id"]: c.source for c in solution.cells
-               if c.metadata.get("nbgrader", {}).get("solution")}
-    nb = nbformat.from_dict(release)
-    for cell in nb.cells:
-        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
-        if grade_id in answers:
-            lines = [line for line in answers[grade_id].splitlines() if line.strip() not in SOLUTION_MARKERS]
-            cell.source = "\n".join(lines)
-    return nb
 
 
 def patched(nb: nbformat.NotebookNode, patches) -> nbformat.NotebookNode:

@@ -578,7 +578,7 @@ def test_nbgraders_own_commands_still_work(tmp_path):
     course's nbgrader_config.py (no sandbox: only trusted model answers here)."""
     from nbgrader.api import Gradebook
 
-    from nbgrader_cycle import nbgrader
+    from bncourse.benchmark import nbgrader
 
     slug = "ch4_backprop"
     course = make_course(tmp_path, [slug])

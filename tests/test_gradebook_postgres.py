@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from nbgrader.api import Gradebook
 
-from nbgrader_cycle import bncourse, make_course, model_and_release, nbgrader, write_submissions
+from bncourse.benchmark import nbgrader
+from nbgrader_cycle import bncourse, make_course, model_and_release, write_submissions
 
 SLUG = "ch4_backprop"
 

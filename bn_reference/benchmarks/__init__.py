@@ -9,6 +9,7 @@ them all alike and the ratios stay meaningful.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -47,3 +48,16 @@ def text_table(head: list[str], lines: list[list[str]]) -> str:
         return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
 
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int):
+    """Run the block with ``n`` PyTorch intra-op threads (0: PyTorch's default), then restore."""
+    import torch
+
+    default = torch.get_num_threads()
+    torch.set_num_threads(n or default)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(default)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import median_times, text_table
+from . import intra_op_threads, median_times, text_table
 from .. import backprop as ref
 
 __all__ = ["VARIANTS", "FULL", "QUICK", "run", "format_table", "plot", "main"]
@@ -69,9 +69,7 @@ def run(shapes=FULL["shapes"], dtypes=FULL["dtypes"], repeats: int = FULL["repea
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}.")
-    default_threads = torch.get_num_threads()
-    torch.set_num_threads(torch_threads or default_threads)
-    try:
+    with intra_op_threads(torch_threads):
         rows = []
         for n, d in shapes:
             for dtype in dtypes:
@@ -81,8 +79,6 @@ def run(shapes=FULL["shapes"], dtypes=FULL["dtypes"], repeats: int = FULL["repea
                     "staged/compact": seconds["staged backward"] / seconds["compact backward"],
                     "PyTorch/NumPy": seconds["PyTorch forward+backward"] / seconds["NumPy forward+backward"],
                 })
-    finally:
-        torch.set_num_threads(default_threads)
     return rows
 
 

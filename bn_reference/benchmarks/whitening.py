@@ -27,7 +27,7 @@ import platform
 import numpy as np
 import torch
 
-from . import median_times, text_table
+from . import intra_op_threads, median_times, text_table
 from .. import whitening as ref
 
 __all__ = ["VARIANTS", "RATIOS", "FULL", "QUICK", "run", "format_table", "plot", "main"]
@@ -75,17 +75,13 @@ def run(m: int = FULL["m"], dims=FULL["dims"], repeats: int = FULL["repeats"], s
         raise ValueError(f"repeats must be >= 1, got {repeats}.")
     if m < 2 or min(dims) < 1:
         raise ValueError(f"m must be >= 2 and every d >= 1, got m = {m}, dims = {tuple(dims)}.")
-    default_threads = torch.get_num_threads()
-    torch.set_num_threads(torch_threads or default_threads)
-    try:
+    with intra_op_threads(torch_threads):
         rows = []
         for d in dims:
             seconds = median_times(_variants(m, d, seed), repeats)
             row = {"m": m, "d": d, "torch_threads": torch.get_num_threads(), "seconds": seconds}
             row.update({name: seconds[a] / seconds[b] for name, (a, b) in RATIOS.items()})
             rows.append(row)
-    finally:
-        torch.set_num_threads(default_threads)
     return rows
 
 
