@@ -10,7 +10,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: html test install system-deps exercises bench clean
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt pyproject.toml bn_exercises/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -qq --disable-pip-version-check -r requirements.txt
 	touch $@
@@ -39,8 +39,10 @@ html: install
 test: html system-deps
 	$(PY) -m pytest
 
-# Regenerate the released notebooks from solutions/ (commit the result).
+# Record the visible checks' answers for the learner package, then regenerate the
+# released notebooks from solutions/ (commit both: tests fail when either is stale).
 exercises: install
+	$(PY) -m bn_reference.grading.record
 	for d in solutions/*/; do $(BIN)/nbgrader generate_assignment "$$(basename $$d)" --force --log-level=WARN; done
 
 # Benchmarks print ratios measured side by side; the class-grading one takes several minutes.
@@ -50,4 +52,4 @@ bench: install
 	$(PY) -m bncourse.benchmark
 
 clean:
-	rm -rf _build submitted autograded feedback downloaded reports gradebook.db
+	rm -rf _build submitted autograded feedback downloaded reports gradebook.db bn_exercises/build

@@ -9,9 +9,10 @@ import os
 
 from bncourse.autograde import RestoreCells
 from bncourse.feedback import TEMPLATES, HideHiddenTests, PendingManualGrades
-from bncourse.release import InstallFromRepository
+from bncourse.release import InstallLearnerPackage
+from bncourse.secret import ProvideGradingSecret
 from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
-from nbgrader.converters import GenerateAssignment
+from nbgrader.converters import Autograde, GenerateAssignment
 from nbgrader.preprocessors import CheckCellMetadata, ClearOutput, DeduplicateIds, GetGrades, OverwriteKernelspec
 
 c = get_config()  # noqa: F821 - provided by nbgrader when it loads this file
@@ -21,14 +22,18 @@ c.CourseDirectory.source_directory = "solutions"
 c.CourseDirectory.release_directory = "exercises"
 c.CourseDirectory.course_id = "batchnorm"
 
-# The released notebooks install the course package from the repository _config.yml names.
-c.GenerateAssignment.preprocessors = [InstallFromRepository, *GenerateAssignment.class_traits()["preprocessors"].default()]
-c.InstallFromRepository.book_config = os.path.join(c.CourseDirectory.root, "_config.yml")
+# The released notebooks install the learner package (no answers) from the site _config.yml names.
+c.GenerateAssignment.preprocessors = [InstallLearnerPackage, *GenerateAssignment.class_traits()["preprocessors"].default()]
+c.InstallLearnerPackage.book_config = os.path.join(c.CourseDirectory.root, "_config.yml")
 
 # Deleted grade cells are put back (and graded); the checksum change that every
 # released grade cell shows by design (its hidden tests were removed) is not a warning.
 c.Autograde.sanitize_preprocessors = [ClearOutput, DeduplicateIds, OverwriteKernelspec, RestoreCells,
                                       CheckCellMetadata]
+
+# The hidden tests draw their cases from the course's grading secret, kept in the gradebook.
+c.Autograde.autograde_preprocessors = [ProvideGradingSecret,
+                                       *Autograde.class_traits()["autograde_preprocessors"].default()]
 
 # Feedback shows neither the hidden tests' code nor their tracebacks, and written
 # answers not yet graded by hand are "pending", not 0.

@@ -8,10 +8,11 @@ output, and a warning is no mistake), which inputs it changed in place, and
 whether the course's own code (the reference, a catalogue entry) ran inside it
 - called, wrapped, subclassed or copied and ``exec``'d.
 
-The comparison with the reference happens elsewhere (``run_check``), so this
-module is also what the class grader runs inside its sandbox, where the
-learner's notebook lives and the reference does not: there, forbidden code is
-known only by its fingerprints (:func:`fingerprint`), shipped with the call.
+The comparison happens elsewhere (:mod:`bn_exercises.checking`), so this module
+is also what the class grader runs inside its sandbox, where the learner's
+notebook lives and the reference does not: there, forbidden code is known only
+by its fingerprints (:func:`fingerprint`), shipped with the call. In a learner's
+own Jupyter nothing is forbidden: the learner package holds no answer to copy.
 """
 
 from __future__ import annotations
@@ -35,15 +36,28 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["Outcome", "LearnerError", "Forbidden", "call_student", "fingerprint", "use_executor"]
+__all__ = ["Outcome", "LearnerError", "Forbidden", "call_student", "fingerprint", "trust_loaded_code",
+           "use_executor", "current_executor"]
 
-#: Frames from files under this folder (the course package) are not the learner's.
-PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def _package_dirs() -> tuple[str, ...]:
+    """The folders of the course's packages: this one, and the grader's bn_reference where
+    it is installed (found without importing it)."""
+    import importlib.util
+    dirs = [os.path.dirname(os.path.abspath(__file__))]
+    spec = importlib.util.find_spec("bn_reference")
+    if spec is not None and spec.submodule_search_locations:
+        dirs += [os.path.abspath(p) for p in spec.submodule_search_locations]
+    return tuple(d + os.sep for d in dirs)
+
+
+#: Frames from files under these folders (the course's packages) are not the learner's.
+PACKAGE_DIRS = _package_dirs()
 #: Code with fewer operations than this is matched by identity only: a two-line helper
 #: written independently may compile to the same operations as the reference's.
 MIN_OPERATIONS = 40
-#: Code from files under these folders (libraries) is never a learner's copy.
-LIBRARY_DIRS = tuple({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)} | {sys.prefix, sys.base_prefix})
+#: Modules loaded from files under these folders are libraries (see :func:`trust_loaded_code`).
+LIBRARY_DIRS = tuple({os.path.realpath(p) + os.sep for p in (sys.prefix, sys.base_prefix)}
+                     | {p + os.sep for p in (sys.prefix, sys.base_prefix)})
 _NOTE_LIMIT = 2000  # characters of stderr kept per check call
 
 
@@ -131,7 +145,7 @@ def _codes_of(obj: Any, seen: set) -> Iterable[tuple[types.CodeType, str]]:
         stack = [inspect.unwrap(obj).__code__]  # a decorator's wrapper is not course code
         while stack:
             code = stack.pop()
-            if code.co_filename.startswith(PACKAGE_DIR):
+            if code.co_filename.startswith(PACKAGE_DIRS):
                 yield code, name
             stack += [c for c in code.co_consts if isinstance(c, types.CodeType)]
     elif inspect.isclass(obj):
@@ -176,12 +190,65 @@ class Forbidden:
         return Forbidden({}, dict(self.fingerprints), self.own)
 
     def match(self, code: types.CodeType) -> str | None:
-        """The name of the forbidden code ``code`` is (or is a copy of), else None."""
+        """The name of the forbidden code ``code`` is (or is a copy of), else None. Every
+        code object but the libraries' own (:func:`trust_loaded_code`) is fingerprinted,
+        whatever file name it claims: ``exec`` can claim any."""
         name = self.codes.get(code)
-        if name is None and self.fingerprints and not code.co_filename.startswith((PACKAGE_DIR, *LIBRARY_DIRS)):
-            fp = fingerprint(code)
+        if name is None and self.fingerprints and not _trusted(code):
+            fp = _fingerprint_cached(code)
             name = self.fingerprints.get(fp) if fp is not None else None
         return name
+
+
+_TRUSTED: dict[int, types.CodeType] | None = None  # id -> code of the libraries' code (kept alive)
+_FINGERPRINTS: dict[int, tuple[types.CodeType, str | None]] = {}
+
+
+def trust_loaded_code() -> int:
+    """Remember the code of every module loaded now from a library folder (and of the
+    course's packages) as code that is never a learner's copy; returns how many code
+    objects. The class grader's sandbox calls it once, before any notebook runs; in a
+    process that ran no learner code yet, the first forbidden-code check calls it."""
+    global _TRUSTED
+    trusted: dict[int, types.CodeType] = {}
+    roots = (*LIBRARY_DIRS, *PACKAGE_DIRS)
+
+    def add(code):
+        stack = [code]
+        while stack:
+            c = stack.pop()
+            if id(c) not in trusted:
+                trusted[id(c)] = c
+                stack += [k for k in c.co_consts if isinstance(k, types.CodeType)]
+
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None) or ""
+        if not isinstance(path, str) or not os.path.abspath(path).startswith(roots):
+            continue
+        for value in list(vars(module).values()):  # plain type checks: no attribute of a library object is read
+            members = list(vars(value).values()) if issubclass(type(value), type) else [value]
+            for member in members:
+                if type(member) in (staticmethod, classmethod):
+                    member = member.__func__
+                if type(member) is types.FunctionType:
+                    add(member.__code__)
+    _TRUSTED = trusted
+    return len(trusted)
+
+
+def _trusted(code: types.CodeType) -> bool:
+    if _TRUSTED is None:
+        trust_loaded_code()
+    return id(code) in _TRUSTED and _TRUSTED[id(code)] is code
+
+
+def _fingerprint_cached(code: types.CodeType) -> str | None:
+    hit = _FINGERPRINTS.get(id(code))
+    if hit is None or hit[0] is not code:
+        if len(_FINGERPRINTS) > 200_000:
+            _FINGERPRINTS.clear()
+        hit = _FINGERPRINTS[id(code)] = (code, fingerprint(code))
+    return hit[1]
 
 
 class _Watcher:
@@ -244,7 +311,7 @@ def _capturing_stderr():
 
 def _learner_traceback(exc: BaseException) -> str:
     """The traceback of ``exc`` without the course package's frames (the last six)."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(PACKAGE_DIR)]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(PACKAGE_DIRS)]
     return "".join(traceback.format_list(frames[-6:]))
 
 

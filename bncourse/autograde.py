@@ -40,6 +40,7 @@ from traitlets.config.loader import PyFileConfigLoader
 
 from bncourse.judge import code_digest, is_grade_code
 from bncourse.pool import Job, Pool
+from bncourse.secret import course_secret
 
 HIDDEN = re.compile(r"^[ \t]*### BEGIN HIDDEN TESTS.*?^[ \t]*### END HIDDEN TESTS[^\n]*\n?", re.M | re.S)
 
@@ -166,11 +167,12 @@ class ClassRun:
     def __init__(self, config: Config, slug: str, pool: Pool, log: logging.Logger):
         self.config, self.slug, self.pool, self.log = config, slug, pool, log
         self.directory = coursedir(config, slug)
+        self.secret = course_secret(self.directory.db_url)
 
     def submit(self, student: str, path: Path) -> None:
         """Queue one submission; a worker sanitizes it as nbgrader will, then grades it."""
         self.pool.submit(Job((student, path.stem), self.slug, path=str(path), root=str(self.directory.root),
-                             db_url=self.directory.db_url))
+                             db_url=self.directory.db_url, secret=self.secret))
 
     def result_for(self, student: str, notebook: str, nb: nbformat.NotebookNode) -> dict:
         key = (student, notebook)
@@ -179,7 +181,7 @@ class ClassRun:
             self.log.warning("%s: the notebook graded differs from the one nbgrader sanitized; grading it again",
                              student)
             self.pool.done.pop(key)
-            self.pool.submit(Job(key, self.slug, notebook=nb))
+            self.pool.submit(Job(key, self.slug, notebook=nb, secret=self.secret))
             result = self.pool.result(key)
         return result
 

@@ -40,12 +40,17 @@ from typing import Any
 import cloudpickle
 import nbformat
 
+import bn_exercises
 import bn_reference
-from bn_reference.grading import CheckFailed, INPUT_CHANGED, INSTRUMENTATION_OFF, NOT_IMPLEMENTED, REFERENCE_USED
-from bn_reference.grading.execution import Forbidden, LearnerError, Outcome, call_student, fingerprint, use_executor
+from bn_exercises.checking import (ANSWERS_MISSING, INPUT_CHANGED, INSTRUMENTATION_OFF, NOT_IMPLEMENTED,
+                                   REFERENCE_USED, CheckFailed)
+from bn_exercises.execution import Forbidden, LearnerError, Outcome, call_student, fingerprint, use_executor
 from bncourse.sandbox import Limits, Sandbox, SessionDied
 
-cloudpickle.register_pickle_by_value(bn_reference)  # the sandbox has no bn_reference: ship course code by value
+# Course code travels by value: the sandbox has no bn_reference, and the notebook may have
+# patched its own copy of bn_exercises (the checks' code it runs must be the grader's).
+cloudpickle.register_pickle_by_value(bn_reference)
+cloudpickle.register_pickle_by_value(bn_exercises)
 
 _TEXT_LIMIT = 20_000
 _GRACE = 5.0  # seconds a cell gets to stop after it is interrupted
@@ -130,7 +135,9 @@ class _GradeCellNames(dict):
 
 
 def imported_checks(nb: nbformat.NotebookNode) -> dict[str, Any]:
-    """The names the notebook's locked cells import from ``bn_reference.grading``."""
+    """The checks the notebook's locked cells import, as the grader's: a name imported from
+    the learner package's ``bn_exercises.<topic>`` stands for the live check of the same name
+    in ``bn_reference.grading.<topic>`` (visible and hidden cases, against the reference)."""
     names = {}
     for cell in nb.cells:
         if cell.cell_type != "code" or not is_locked(cell) or is_grade_code(cell):
@@ -140,10 +147,12 @@ def imported_checks(nb: nbformat.NotebookNode) -> dict[str, Any]:
         except SyntaxError:
             continue
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bn_reference.grading"):
-                module = importlib.import_module(node.module)
+            module = node.module or "" if isinstance(node, ast.ImportFrom) else ""
+            if module.startswith(("bn_exercises.", "bn_reference.grading.")):
+                grader = importlib.import_module(f"bn_reference.grading.{module.rpartition('.')[2]}")
                 for alias in node.names:
-                    names[alias.asname or alias.name] = getattr(module, alias.name)
+                    if alias.name.startswith("check_"):
+                        names[alias.asname or alias.name] = getattr(grader, alias.name)
     return names
 
 
@@ -188,8 +197,7 @@ class ShippingRefused(RuntimeError):
 @functools.cache
 def _refused() -> dict[int, str]:
     """ids of the objects that must never enter the sandbox: every function and class of
-    the reference modules (except the helpers grading modules provide to notebooks) and
-    every catalogue implementation."""
+    the reference modules and every catalogue implementation."""
     refused = {}
     for info in pkgutil.iter_modules(bn_reference.__path__):
         if info.ispkg:
@@ -199,10 +207,8 @@ def _refused() -> dict[int, str]:
             grading = importlib.import_module(f"bn_reference.grading.{info.name}")
         except ImportError:
             grading = None
-        provided = set(getattr(grading, "PROVIDED", ()))
         for name, obj in vars(module).items():
-            if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == module.__name__ \
-                    and name not in provided:
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == module.__name__:
                 refused[id(obj)] = f"{module.__name__}.{name}"
         for task, entries in getattr(grading, "CATALOGUE", {}).items():
             for m in entries:
@@ -226,17 +232,6 @@ def ship(obj: Any) -> bytes:
     buffer = io.BytesIO()
     _CoursePickler(buffer).dump(obj)
     return buffer.getvalue()
-
-
-def provided_helpers(slug: str) -> bytes | None:
-    """The helpers the chapter's notebook may import from its reference module (its
-    grading module's ``PROVIDED`` names), shipped for the sandbox's bn_reference."""
-    topic = slug.split("_", 1)[1]
-    names = getattr(importlib.import_module(f"bn_reference.grading.{topic}"), "PROVIDED", ())
-    if not names:
-        return None
-    module = importlib.import_module(f"bn_reference.{topic}")
-    return ship({topic: {name: getattr(module, name) for name in names}})
 
 
 # --------------------------------------------------------------------------
@@ -421,10 +416,10 @@ class NotebookGrader:
             task = ", ".join(_check_names(cell.source)) or grade_id
             self.result.tasks.append(TaskResult(grade_id, task, "not graded", None, reason))
 
-    def grade(self, provided: bytes | None) -> NotebookResult:
+    def grade(self) -> NotebookResult:
         started = time.monotonic()
         self.deadline = started + self.limits.notebook_timeout
-        self.sandbox.open(provided)
+        self.sandbox.open()
         unrun, died_at, detail = [], None, ""
         try:
             for index, cell in enumerate(self.nb.cells):
@@ -488,14 +483,15 @@ def known_misconceptions(nb: nbformat.NotebookNode) -> set[str]:
     """Every misconception name the notebook's checks can report: the core's, the
     catalogues', and the names a grading module defines as upper-case string constants
     (a ``run`` raises CheckFailed with those)."""
-    names = {REFERENCE_USED, INPUT_CHANGED, INSTRUMENTATION_OFF, NOT_IMPLEMENTED}
-    for module in {importlib.import_module(f.__module__) for f in imported_checks(nb).values() if callable(f)}:
-        names |= {m.name for entries in getattr(module, "CATALOGUE", {}).values() for m in entries}
-        names |= {v for k, v in vars(module).items() if k.isupper() and isinstance(v, str)}
+    names = {REFERENCE_USED, INPUT_CHANGED, INSTRUMENTATION_OFF, NOT_IMPLEMENTED, ANSWERS_MISSING}
+    for grader in {importlib.import_module(f.__module__) for f in imported_checks(nb).values() if callable(f)}:
+        learner = importlib.import_module(f"bn_exercises.{grader.__name__.rpartition('.')[2]}")
+        names |= {m.name for entries in getattr(grader, "CATALOGUE", {}).values() for m in entries}
+        names |= {v for module in (grader, learner) for k, v in vars(module).items()
+                  if k.isupper() and isinstance(v, str)}
     return names
 
 
-def grade_notebook(sandbox: Sandbox, nb: nbformat.NotebookNode, limits: Limits,
-                   provided: bytes | None = None) -> NotebookResult:
+def grade_notebook(sandbox: Sandbox, nb: nbformat.NotebookNode, limits: Limits) -> NotebookResult:
     """Grade one sanitized notebook in ``sandbox`` (which must be started)."""
-    return NotebookGrader(sandbox, nb, limits, known_misconceptions(nb)).grade(provided)
+    return NotebookGrader(sandbox, nb, limits, known_misconceptions(nb)).grade()

@@ -12,10 +12,11 @@ then obeys the grader on its control socket:
 
 The child runs cells with IPython (magics, display, matplotlib inline) and, on
 request, a check's ``run`` on one of the notebook's objects (course code shipped
-by the grader with cloudpickle, once per notebook; then only the cases travel). The course package is not here: ``bn_reference``
-imports resolve to stand-ins whose ``check_*`` do nothing (the checks run outside)
-and whose reference names raise :class:`ReferenceNotAvailable` when used. The
-zygote is not dumpable, so a child cannot read or trace it.
+by the grader with cloudpickle, once per notebook; then only the cases travel). The
+learner package ``bn_exercises`` is here (it holds no answer); the grader's is not:
+``bn_reference`` imports resolve to stand-ins whose names raise
+:class:`ReferenceNotAvailable` when used. The zygote is not dumpable, so a child
+cannot read or trace it.
 """
 
 from __future__ import annotations
@@ -50,9 +51,6 @@ class ReferenceNotAvailable(Exception):
 # --------------------------------------------------------------------------
 # bn_reference, as the sandbox sees it
 
-_PROVIDED: dict[str, dict[str, object]] = {}  # topic -> helpers the grader shipped for notebooks
-
-
 class _Poison(type):
     """A stand-in for a reference class or function: it can be named, imported and
     subclassed, but calling or instantiating it - or asking for its source, which
@@ -75,20 +73,10 @@ def _poison(qualname: str) -> type:
     return _Poison(qualname.rpartition(".")[2], (), {"__qualname__": qualname})
 
 
-def _skipped_check(*args, **kwargs):
-    """While grading, checks run outside the notebook; this stand-in does nothing."""
-    return None
-
-
 class _StubModule(types.ModuleType):
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
-        if self.__name__.startswith("bn_reference.grading") and name.startswith("check_"):
-            return _skipped_check
-        topic = self.__name__.rpartition(".")[2]
-        if name in _PROVIDED.get(topic, {}):
-            return _PROVIDED[topic][name]
         return _poison(f"{self.__name__}.{name}")
 
 
@@ -309,9 +297,6 @@ def _notebook_child(sock: socket.socket, shell, request: dict) -> None:
     for fd in (0, 1, 2):  # raw writes to the file descriptors go nowhere
         os.dup2(null, fd)
     _interruptible(False)
-    if request.get("provided"):
-        import cloudpickle
-        _PROVIDED.update(cloudpickle.loads(request["provided"]))
     protocol.send(sock, {"op": "ready"})
     while True:
         message = protocol.recv(sock)
@@ -340,7 +325,11 @@ def _preload():
     import sklearn.decomposition  # noqa: F401
     import matplotlib.pyplot  # noqa: F401
     import cloudpickle  # noqa: F401
-    return _make_shell()
+    import bn_exercises.checking  # noqa: F401 - what the notebooks' first cell imports
+    from bn_exercises.execution import trust_loaded_code
+    shell = _make_shell()
+    trust_loaded_code()  # code loaded now is the libraries': later code is fingerprinted wherever it claims to be from
+    return shell
 
 
 def _identities() -> list[tuple[int, int]]:

@@ -30,13 +30,7 @@ class Job:
     path: str | None = None          # the submitted notebook,
     root: str | None = None          # the course directory
     db_url: str | None = None        # and its gradebook
-
-
-def _provided(slug: str, cache: dict) -> bytes | None:
-    if slug not in cache:
-        from bncourse.judge import provided_helpers
-        cache[slug] = provided_helpers(slug)
-    return cache[slug]
+    secret: str = ""                 # the course's grading secret (hidden cases' seeds)
 
 
 def _notebook(job: Job, configs: dict):
@@ -60,10 +54,11 @@ def _unreadable(exc: Exception) -> str:
 
 def _work(conn, index: int, limits: Limits, isolation: bool) -> None:
     """A worker's loop: receive a Job, send back (key, NotebookResult dict)."""
+    from bn_reference.grading import use_secret
     from bncourse.judge import NotebookResult, grade_notebook
     from bncourse.sandbox import Sandbox, SessionDied
 
-    sandbox, provided, configs = None, {}, {}
+    sandbox, configs = None, {}
     try:
         sandbox = Sandbox(uid=UID_BASE + index, limits=limits, isolation=isolation)
         sandbox.start()  # warm before the first notebook arrives
@@ -85,7 +80,8 @@ def _work(conn, index: int, limits: Limits, isolation: bool) -> None:
                         sandbox.shutdown()
                     sandbox = Sandbox(uid=UID_BASE + index, limits=limits, isolation=isolation)
                     sandbox.start()
-                result = grade_notebook(sandbox, nb, limits, _provided(job.slug, provided)).to_dict()
+                with use_secret(job.secret):
+                    result = grade_notebook(sandbox, nb, limits).to_dict()
             except SessionDied as exc:
                 if sandbox is not None:
                     sandbox.shutdown()

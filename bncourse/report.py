@@ -17,7 +17,7 @@ import io
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from bn_reference.grading import NOT_IMPLEMENTED
+from bn_exercises.checking import ALSO, NOT_IMPLEMENTED
 
 PASSED, UNRECOGNISED, NOT_GRADED = "passed", "failed, no known misconception", "could not be graded"
 _LAST = (NOT_IMPLEMENTED, UNRECOGNISED, NOT_GRADED)
@@ -25,7 +25,8 @@ _LAST = (NOT_IMPLEMENTED, UNRECOGNISED, NOT_GRADED)
 
 def tally(records: list[dict], tasks: list[str]) -> dict[str, dict[str, list[str]]]:
     """{task: {outcome: [students]}}; a notebook that produced no verdicts counts as
-    not graded for every task."""
+    not graded for every task, and a student who made two known mistakes together is
+    counted under each."""
     table: dict[str, dict[str, list[str]]] = {t: defaultdict(list) for t in tasks}
     for record in records:
         verdicts = {t["task"]: t for t in record.get("tasks", [])}
@@ -37,7 +38,8 @@ def tally(records: list[dict], tasks: list[str]) -> dict[str, dict[str, list[str
                 outcome = PASSED
             else:
                 outcome = verdict.get("misconception") or UNRECOGNISED
-            table[task][outcome].append(record["student"])
+            for part in outcome.split(ALSO):
+                table[task][part].append(record["student"])
     return table
 
 

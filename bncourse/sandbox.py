@@ -6,7 +6,8 @@ network, IPC, UTS and cgroup namespaces, with a minimal read-only view of the
 system: ``/usr`` (and the ``/bin``, ``/lib`` links), ``/etc``, the Python
 installation, the virtual environment and this package - not the course
 directory (solutions, gradebook, submissions), not ``bn_reference``, not any home
-directory. The only writable place is a size-limited ``/tmp``, wiped after every
+directory. The learner package (``bn_exercises``) is there, read-only: it holds no
+answer. The only writable place is a size-limited ``/tmp``, wiped after every
 notebook. Each notebook's process gets limits on memory, CPU time, processes and
 file size; the grader adds wall-clock limits per cell and per notebook.
 
@@ -24,9 +25,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import bn_exercises
 import bncourse
 from bncourse import protocol
 
@@ -74,9 +77,9 @@ def _system_view() -> list[str]:
             args += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             args += ["--ro-bind", top, top]
-    package = str(Path(bncourse.__file__).resolve().parent)
+    packages = [str(Path(p.__file__).resolve().parent) for p in (bncourse, bn_exercises)]
     made = set()
-    for path in [*sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix), sys.prefix}), package]:
+    for path in [*sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix), sys.prefix}), *packages]:
         if path.startswith("/usr/"):
             continue
         for parent in reversed(Path(path).parents[:-1]):  # mount points to pass through, not list (bwrap: 0700)
@@ -158,7 +161,8 @@ class Sandbox:
                 "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                 "OPENBLAS_NUM_THREADS": "1", "JOBLIB_MULTIPROCESSING": "0",
                 "MPLBACKEND": "module://matplotlib_inline.backend_inline", "MPLCONFIGDIR": f"{self.scratch}/.matplotlib",
-                "PYTHONPATH": str(Path(bncourse.__file__).resolve().parents[1])}
+                "PYTHONPATH": os.pathsep.join(dict.fromkeys(str(Path(p.__file__).resolve().parents[1])
+                                                            for p in (bncourse, bn_exercises)))}
 
     def command(self, control_fd: int) -> list[str]:
         kernel = [sys.executable, "-m", "bncourse.kernel", "--control-fd", str(control_fd), "--scratch", self.scratch]
@@ -195,35 +199,37 @@ class Sandbox:
         return self.process is not None and self.process.poll() is None and self.healthy
 
     def _ask(self, message: dict | None, timeout: float) -> dict:
-        """Send ``message`` on the control socket (if any) and read the reply."""
+        """Send ``message`` on the control socket (if any) and read the reply, all of it
+        within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
         try:
             if message is not None:
+                self.control.settimeout(timeout)
                 protocol.send(self.control, message)
-            self.control.settimeout(timeout)
-            return protocol.recv(self.control)
+            return protocol.recv(self.control, deadline=deadline)
         except (OSError, protocol.ProtocolError) as exc:
             raise SessionDied(f"the kernel stopped answering ({exc}): {self.log_tail()}") from None
 
-    def open(self, provided: bytes | None = None, timeout: float = 30.0) -> None:
-        """Fork a fresh process for one notebook; ``provided`` is the cloudpickled dict of
-        helpers the notebooks may import from bn_reference, by topic."""
+    def open(self, timeout: float = 30.0) -> None:
+        """Fork a fresh process for one notebook."""
         limits = self.limits.for_kernel()
         if not (self.isolation and os.geteuid() == 0):  # the process limit counts per user: only ours is ours
             limits["processes"] = None
-        self._ask({"op": "start", "limits": limits, "provided": provided}, timeout)
+        self._ask({"op": "start", "limits": limits}, timeout)
         _, fds, _, _ = socket.recv_fds(self.control, 1, 1)
         self.data = socket.socket(fileno=fds[0])
         self.request(None, timeout)
 
     def request(self, message: dict | None, timeout: float) -> dict:
         """Send a request to the notebook's process and wait up to ``timeout`` seconds for
-        the reply. ``TimeoutError`` if none came (the process may still be running);
-        :class:`SessionDied` if the process ended or sent garbage."""
+        the whole reply. ``TimeoutError`` if it did not come (the process may still be
+        running); :class:`SessionDied` if the process ended or sent garbage."""
+        deadline = time.monotonic() + max(timeout, 0.01)
         try:
             if message is not None:
+                self.data.settimeout(max(timeout, 0.01))
                 protocol.send(self.data, message)
-            self.data.settimeout(max(timeout, 0.01))
-            return protocol.recv(self.data)
+            return protocol.recv(self.data, deadline=deadline)
         except socket.timeout:
             raise TimeoutError(f"no reply within {timeout:.0f} s") from None
         except (OSError, protocol.ProtocolError) as exc:

@@ -4,6 +4,7 @@ A chapter's test file subclasses these with its own settings:
 
     class TestGrading(CatalogueSuite):   # the checks and their misconception catalogue
         checks = {...}; catalogue = grading.CATALOGUE; alt = alt_chN_slug; reference = ref
+        learner = bn_exercises.<topic>       # the learner package's visible checks
 
     class TestNbgraderCycle(CycleSuite): # release, submit, autograde, feedback, export
         slug = "chN_slug"; buggy = {...}; full_score = 10; stubs = 6
@@ -11,8 +12,10 @@ A chapter's test file subclasses these with its own settings:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import io
 
 import nbformat
 import pytest
@@ -21,15 +24,29 @@ from bn_reference.grading import REFERENCE_USED, CheckFailed
 from nbgrader_cycle import ROOT, run_cycle
 
 
+def _verdict(check, impl) -> tuple:
+    """(passed or the misconception named, the whole message) of ``check(impl)``."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            check(impl)
+    except CheckFailed as failure:
+        return failure.misconception, str(failure)
+    return "passed", out.getvalue()
+
+
 class CatalogueSuite:
     """Every catalogue entry fails its check with its own name (visible and hidden
     cases); a second, differently written correct implementation passes; the
-    reference object itself is refused."""
+    reference object itself is refused. The learner package's visible checks, which
+    replay recorded answers, give every entry and the second implementation exactly
+    the verdict and the message of the grader's live visible checks."""
 
     checks: dict       # task -> check function
     catalogue: dict    # task -> [Misconception, ...]
     alt: object        # module with the differently written correct implementation
     reference: object  # the bn_reference module of the chapter
+    learner: object    # the bn_exercises module of the chapter
     min_entries = 2
 
     def pytest_generate_tests(self, metafunc):
@@ -57,6 +74,16 @@ class CatalogueSuite:
         self.checks[task](getattr(self.alt, task), hidden=hidden)
         out, err = capsys.readouterr()
         assert err == "" and "agree" in out
+
+    @pytest.mark.filterwarnings("ignore::RuntimeWarning")
+    def test_the_learners_visible_check_names_each_entry_as_the_grader_does(self, task, entry):
+        check = self.checks[task]
+        assert _verdict(getattr(self.learner, check.__name__), entry.impl) == _verdict(check, entry.impl)
+
+    def test_the_learners_visible_check_passes_the_second_implementation(self, task):
+        check, impl = self.checks[task], getattr(self.alt, task)
+        assert _verdict(getattr(self.learner, check.__name__), impl) == _verdict(check, impl)
+        assert _verdict(check, impl)[0] == "passed"
 
     def test_the_reference_itself_is_refused(self, task):
         with pytest.raises(CheckFailed, match=f"write your own {task} in"):
@@ -101,7 +128,7 @@ class CycleSuite:
     def test_the_release_shares_no_code_with_the_reference(self, cycle):
         """Code the learner is given (helpers in the released notebook) must not look like a
         copy of the reference or of a catalogue entry: the grader would refuse every answer."""
-        from bn_reference.grading.execution import Forbidden
+        from bn_exercises.execution import Forbidden
         from bncourse.judge import source_fingerprints
 
         topic = self.slug.split("_", 1)[1]

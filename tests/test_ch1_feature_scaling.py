@@ -12,6 +12,7 @@ import sklearn.preprocessing
 import torch
 
 import alt_ch1_feature_scaling as alt
+import bn_exercises.feature_scaling as learner
 from chapter_suite import CatalogueSuite, CycleSuite
 from bn_reference import feature_scaling as ref
 from bn_reference.grading import INPUT_CHANGED, REFERENCE_USED, CheckFailed
@@ -163,6 +164,45 @@ class TestGrading(CatalogueSuite):
     catalogue = grading.CATALOGUE
     alt = alt
     reference = ref
+    learner = learner
+
+
+class _WrappedSklearn:
+    """Hands the work to scikit-learn's StandardScaler, created inside fit."""
+
+    def fit(self, X):
+        self.inner = sklearn.preprocessing.StandardScaler().fit(X)
+        return self
+
+    def transform(self, X):
+        return self.inner.transform(X)
+
+    def fit_transform(self, X):
+        return self.fit(X).transform(X)
+
+    def inverse_transform(self, X):
+        return self.inner.inverse_transform(X)
+
+
+class _SubclassedSklearn(sklearn.preprocessing.MinMaxScaler):
+    pass
+
+
+@pytest.mark.parametrize("side", ["grader", "learner"])
+@pytest.mark.parametrize("name, impl", [("StandardScaler", sklearn.preprocessing.StandardScaler),
+                                        ("MinMaxScaler", sklearn.preprocessing.MinMaxScaler),
+                                        ("StandardScaler", _WrappedSklearn),
+                                        ("MinMaxScaler", _SubclassedSklearn)])
+def test_scikit_learns_scalers_are_refused(side, name, impl):
+    """Handing in scikit-learn's scaler - as is, subclassed or wrapped - is named, and
+    scikit-learn works again afterwards."""
+    check = getattr(grading if side == "grader" else learner, TestGrading.checks[name].__name__)
+    with pytest.raises(CheckFailed) as failure:
+        check(impl)
+    assert failure.value.misconception == learner.LIBRARY_SCALER
+    assert "with NumPy" in str(failure.value)
+    X = np.arange(6.0).reshape(3, 2)
+    np.testing.assert_allclose(sklearn.preprocessing.StandardScaler().fit_transform(X).std(axis=0), 1.0)
 
 
 def test_unknown_bug_reports_every_output_that_differs():
@@ -220,7 +260,7 @@ class TestNbgraderCycle(CycleSuite):
                  "sample standard deviation (ddof=1) instead of the population one"),
         "no_range": ([("return a + (b - a) * (np.asarray(X, dtype=float) - self.data_min_) / self.data_range_",
                        "return (np.asarray(X, dtype=float) - self.data_min_) / self.data_range_")],
-                     "min-max ignores feature_range"),
+                     "transform ignores feature_range (inverse_transform uses it)"),
         "no_two": ([("return 2 / n * X.T @ r, 2 / n * r.sum()", "return 1 / n * X.T @ r, 1 / n * r.sum()")],
                    "the factor 2 is missing"),
     }

@@ -11,6 +11,8 @@ import nbformat
 import pytest
 import yaml
 
+import bn_exercises
+from bncourse.release import wheel_name, wheel_url
 from nbgrader_cycle import make_course
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,29 +29,32 @@ def test_one_name_everywhere(slug):
     assert re.fullmatch(r"ch\d_[a-z_]+", slug)
     topic = slug.split("_", 1)[1]
     for path in [f"book/{slug}.md", f"solutions/{slug}/{slug}.ipynb", f"exercises/{slug}/{slug}.ipynb",
-                 f"tests/test_{slug}.py", f"bn_reference/{topic}.py", f"bn_reference/grading/{topic}.py"]:
+                 f"tests/test_{slug}.py", f"bn_reference/{topic}.py", f"bn_reference/grading/{topic}.py",
+                 f"bn_exercises/{topic}.py", f"bn_exercises/answers/{topic}.npz"]:
         assert (ROOT / path).is_file(), f"{path} is missing"
     assert f"file: book/{slug}" in (ROOT / "_toc.yml").read_text()
     importlib.import_module(f"bn_reference.grading.{topic}").CATALOGUE
 
 
 @pytest.mark.parametrize("slug", SLUGS)
-def test_exercise_installs_the_course_package_from_the_configured_repository(slug):
-    """Colab has no bn_reference: the notebook's first code cell installs it from the
-    repository that _config.yml (and so every launch link) names."""
+def test_exercise_installs_the_learner_package_from_the_configured_site(slug):
+    """Colab has no course package: the notebook's first code cell installs the learner
+    package, this version of it, from the site that _config.yml names - never bn_reference,
+    which holds the answers."""
     nb = nbformat.read(ROOT / "exercises" / slug / f"{slug}.ipynb", as_version=4)
     first_code = next(c for c in nb.cells if c.cell_type == "code")
-    assert f"git+{CONFIG['repository']['url']}" in first_code.source
+    assert wheel_url(str(ROOT / "_config.yml")) in first_code.source
+    assert f'version("bn_exercises") != "{bn_exercises.__version__}"' in first_code.source
+    assert "bn_reference" not in nbformat.writes(nb)
 
 
-
-def test_a_fork_only_sets_its_repository_url(tmp_path):
-    """A regenerated exercise installs the course package from _config.yml's repository.url."""
-    fork = (ROOT / "_config.yml").read_text().replace(CONFIG["repository"]["url"], "https://github.com/someone/a-fork")
+def test_a_published_copy_only_sets_its_site_url(tmp_path):
+    """A regenerated exercise installs the learner package from _config.yml's html.baseurl."""
+    fork = (ROOT / "_config.yml").read_text().replace(CONFIG["html"]["baseurl"], "https://someone.github.io/a-copy/")
     course = make_course(tmp_path, [SLUGS[0]], book_config=fork)
     nb = nbformat.read(course / "exercises" / SLUGS[0] / f"{SLUGS[0]}.ipynb", as_version=4)
     first_code = next(c for c in nb.cells if c.cell_type == "code")
-    assert "git+https://github.com/someone/a-fork" in first_code.source
+    assert f"https://someone.github.io/a-copy/_static/{wheel_name()}" in first_code.source
 
 
 @pytest.mark.parametrize("path", ["downloaded/x.zip", "submitted/s/ch1/a.ipynb", "autograded/s/a.ipynb",

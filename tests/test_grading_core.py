@@ -14,11 +14,12 @@ import pytest
 
 from bn_reference import backprop as ref
 from bn_reference import feature_scaling as fs_ref
+from bn_exercises.checking import _pair
 from bn_reference.grading import (INPUT_CHANGED, INSTRUMENTATION_OFF, NOT_IMPLEMENTED, REFERENCE_USED, Case,
-                                  CheckFailed, Misconception, _pair, run_check)
+                                  CheckFailed, Misconception, run_check)
 from bn_reference.grading import backprop as grading
 from bn_reference.grading import feature_scaling as fs_grading
-from bn_reference.grading.execution import Forbidden, call_student, fingerprint
+from bn_exercises.execution import Forbidden, call_student, fingerprint
 
 
 def _forward(x, gamma, beta, eps=1e-5):

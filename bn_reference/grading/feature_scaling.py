@@ -1,14 +1,13 @@
-"""Chapter 1 - feature scaling: grading checks and the misconception catalogue.
+"""Chapter 1 - feature scaling: the grader's checks and the misconception catalogue.
 
 Each ``check_*`` takes the learner's class or function, runs it and the
 reference (``bn_reference.feature_scaling``) on seeded cases, and raises
 :class:`~bn_reference.grading.CheckFailed` naming the misconception when one of
-the catalogue's wrong implementations reproduces the learner's output.
-``hidden=True`` runs the grader's own cases (other seeds, more edge cases).
-
-The ``_run_*`` functions are the only code that touches the learner's object
-(the class grader runs them in its sandbox): they pass the case's arrays to it
-unchanged and return plain data.
+the catalogue's wrong implementations reproduces the learner's outputs.
+``hidden=True`` runs the grader's own cases (seeded from the course's secret,
+more edge cases). The ``_run_*`` functions that touch the learner's object live in
+the learner package (:mod:`bn_exercises.feature_scaling`); its visible checks
+replay this module's visible cases from recorded answers.
 """
 
 from __future__ import annotations
@@ -17,8 +16,10 @@ from functools import partial
 
 import numpy as np
 
+from bn_exercises.feature_scaling import _run_condition, _run_gd, _run_gradient, _run_scaler, _run_steps
+
 from .. import feature_scaling as ref
-from . import Case, Misconception, report_pass, run_check
+from . import Case, Misconception, case_rng, report_pass, run_check
 
 __all__ = [
     "check_min_max_scaler",
@@ -63,12 +64,13 @@ class _WrongStandardScaler:
 
 
 class _WrongMinMaxScaler:
-    """Min-max scaler with switchable mistakes (axis, refit, no zero guard, range ignored,
-    division by the maximum)."""
+    """Min-max scaler with switchable mistakes (axis, refit, no zero guard, range ignored in
+    transform or everywhere, division by the maximum)."""
 
     def __init__(self, feature_range=(0.0, 1.0), whole_array=False, refit=False,
-                 guard_constant=True, use_range=True, by_max=False):
+                 guard_constant=True, use_range=True, range_in_inverse=False, by_max=False):
         self.lo, self.hi = feature_range if use_range else (0.0, 1.0)
+        self.inv_lo, self.inv_hi = feature_range if use_range or range_in_inverse else (0.0, 1.0)
         self.whole_array, self.refit, self.guard, self.by_max = whole_array, refit, guard_constant, by_max
 
     def fit(self, X):
@@ -88,7 +90,7 @@ class _WrongMinMaxScaler:
         return self.fit(X).transform(X)
 
     def inverse_transform(self, X):
-        return (np.asarray(X, dtype=np.float64) - self.lo) / (self.hi - self.lo) * self.span + self.min
+        return (np.asarray(X, dtype=np.float64) - self.inv_lo) / (self.inv_hi - self.inv_lo) * self.span + self.min
 
 
 _FIT_ON_TRAIN = ("fit must store the statistics of the data it is given; transform must only "
@@ -121,6 +123,11 @@ MIN_MAX_SCALER_CATALOGUE = [
         "min-max ignores feature_range",
         "after mapping to [0, 1], stretch and shift to [lo, hi]: x01 * (hi - lo) + lo.",
         partial(_WrongMinMaxScaler, use_range=False)),
+    Misconception(
+        "transform ignores feature_range (inverse_transform uses it)",
+        "transform must map to [lo, hi], the range inverse_transform undoes: after mapping to [0, 1], "
+        "stretch and shift with x01 * (hi - lo) + lo.",
+        partial(_WrongMinMaxScaler, use_range=False, range_in_inverse=True)),
     Misconception(
         "statistics over the whole array instead of per feature",
         "compute min and max with axis=0, one value per column (feature).",
@@ -284,7 +291,8 @@ CATALOGUE = {
 
 
 # --------------------------------------------------------------------------
-# Cases. Visible seeds are 0..; hidden seeds start at 1000 and add edge cases.
+# Cases. Visible case streams are seeded 0..; hidden ones from the course's secret
+# (case_rng), and they add edge cases.
 # Every case's arrays are random and every parameter takes non-default values
 # in some case (feature_range, w and b away from 0, lr, n_steps, tol, max_steps).
 
@@ -300,7 +308,7 @@ def _features(rng, n, d, dtype=np.float64):
 
 def _scaler_cases(hidden: bool, ranges):
     """Seeded fit/transform cases; ``ranges`` gives the feature_range of each (None: the default)."""
-    rng = np.random.default_rng(1000 if hidden else 0)
+    rng = case_rng(hidden, 0)
     shapes = [(40, 3), (2, 4), (9, 1)] + ([(200, 6), (3, 2)] if hidden else [])
     cases = []
     for (n, d), feature_range in zip(shapes, ranges):
@@ -322,18 +330,6 @@ def _scaler_cases(hidden: bool, ranges):
     return cases
 
 
-def _run_scaler(cls, case):
-    """Fit on X_train, then transform test and train, invert, and fit_transform."""
-    kw, X, X_test = case.data["kwargs"], case.data["X_train"], case.data["X_test"]
-    scaler = cls(**kw)
-    fitted = scaler.fit(X)
-    return {
-        "fit(X) returns the scaler itself": fitted is scaler,
-        "transform(X_test)": scaler.transform(X_test),
-        "transform(X_train)": scaler.transform(X),
-        "inverse_transform(transform(X_test))": scaler.inverse_transform(scaler.transform(X_test)),
-        "fit_transform(X_train) on a new scaler": cls(**kw).fit_transform(X),
-    }
 
 
 def check_standard_scaler(StandardScaler, hidden=False):
@@ -360,7 +356,7 @@ def _regression(rng, n, d, noise=0.5):
 
 
 def _gradient_cases(hidden):
-    rng = np.random.default_rng(1001 if hidden else 1)
+    rng = case_rng(hidden, 1)
     shapes = [(20, 3), (2, 1), (50, 5)] + ([(7, 2), (300, 8)] if hidden else [])
     cases = []
     for n, d in shapes:
@@ -374,17 +370,8 @@ def _gradient_cases(hidden):
     return cases
 
 
-def _number(value):
-    """A learner's scalar output as a float64 array of shape () (also from a 1-element
-    array); anything larger keeps its shape, so that the comparison shows it."""
-    value = np.asarray(value, dtype=np.float64)
-    return value.reshape(()) if value.size == 1 else value
 
 
-def _run_gradient(fn, case):
-    d = case.data
-    dw, db = fn(d["X"], d["y"], d["w"], d["b"])
-    return {"dw": np.asarray(dw), "db": _number(db)}
 
 
 def check_mse_gradient(mse_gradient, hidden=False):
@@ -404,7 +391,7 @@ def _scaled_problem(rng, n, d):
 
 
 def _gd_cases(hidden):
-    rng = np.random.default_rng(1002 if hidden else 2)
+    rng = case_rng(hidden, 2)
     settings = [(30, 2, 25, 1.0), (2, 1, 10, 0.5), (60, 4, 40, 1.5)]
     if hidden:
         settings += [(10, 3, 15, 0.3), (200, 6, 60, 1.0), (8, 2, 0, 1.0)]
@@ -421,11 +408,6 @@ def _gd_cases(hidden):
     return cases
 
 
-def _run_gd(fn, case):
-    d = case.data
-    w, b, losses = fn(d["X"], d["y"], d["lr"], d["n_steps"])
-    return {"w": np.asarray(w), "b": _number(b),
-            "losses": np.asarray(losses, dtype=np.float64)}
 
 
 def check_gradient_descent(gradient_descent, hidden=False):
@@ -437,7 +419,7 @@ def check_gradient_descent(gradient_descent, hidden=False):
 
 
 def _steps_cases(hidden):
-    rng = np.random.default_rng(1003 if hidden else 3)
+    rng = case_rng(hidden, 3)
     cases = []
     for n, d, tol in [(40, 2, 1e-3), (25, 3, 1e-6)] + ([(80, 4, 1e-4)] if hidden else []):
         X, y, lr = _scaled_problem(rng, n, d)
@@ -452,9 +434,6 @@ def _steps_cases(hidden):
     return cases
 
 
-def _run_steps(fn, case):
-    d = case.data
-    return int(fn(d["X"], d["y"], d["lr"], d["tol"], d["max_steps"]))
 
 
 def check_steps_to_tolerance(steps_to_tolerance, hidden=False):
@@ -466,15 +445,13 @@ def check_steps_to_tolerance(steps_to_tolerance, hidden=False):
 
 
 def _hessian_cases(hidden):
-    rng = np.random.default_rng(1004 if hidden else 4)
+    rng = case_rng(hidden, 4)
     shapes = [(50, 2), (2, 1), (30, 4)] + ([(100, 6), (5, 3)] if hidden else [])
     cases = [Case(f"unscaled X {n} x {d}", {"X": _features(rng, n, d)}) for n, d in shapes]
     cases.append(Case("standardized X 50 x 3", {"X": ref.StandardScaler().fit_transform(_features(rng, 50, 3))}))
     return cases
 
 
-def _run_condition(fn, case):
-    return float(fn(case.data["X"]))
 
 
 def check_hessian_condition_number(hessian_condition_number, hidden=False):
