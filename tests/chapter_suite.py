@@ -20,8 +20,17 @@ import io
 import nbformat
 import pytest
 
-from bn_reference.grading import REFERENCE_USED, CheckFailed
+from bn_reference.grading import REFERENCE_USED, CheckFailed, use_secret
 from nbgrader_cycle import ROOT, run_cycle
+
+
+#: A second grading secret: the hidden cases it draws must serve as well as the test suite's.
+ANOTHER_SECRET = "another course's grading secret"
+
+
+def _secret(hidden):
+    """The grading secret to draw hidden cases from: the suite's, or ``hidden`` itself."""
+    return use_secret(hidden) if isinstance(hidden, str) else contextlib.nullcontext()
 
 
 def _verdict(check, impl) -> tuple:
@@ -56,7 +65,9 @@ class CatalogueSuite:
         elif "task" in metafunc.fixturenames:
             metafunc.parametrize("task", list(self.checks))
         if "hidden" in metafunc.fixturenames:
-            metafunc.parametrize("hidden", [False, True], ids=["visible", "hidden"])
+            # hidden cases come from each course's own random secret: they must work for any
+            metafunc.parametrize("hidden", [False, True, ANOTHER_SECRET],
+                                 ids=["visible", "hidden", "hidden, another secret"])
 
     def test_every_task_has_a_check_and_a_catalogue(self):
         assert set(self.checks) == set(self.catalogue)
@@ -65,13 +76,14 @@ class CatalogueSuite:
 
     @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the wrong code's own nan warnings
     def test_check_names_each_misconception(self, task, entry, hidden):
-        with pytest.raises(CheckFailed) as failure:
-            self.checks[task](entry.impl, hidden=hidden)
+        with pytest.raises(CheckFailed) as failure, _secret(hidden):
+            self.checks[task](entry.impl, hidden=bool(hidden))
         assert failure.value.misconception == entry.name
         assert entry.name in str(failure.value) and entry.fix in str(failure.value)
 
     def test_a_differently_written_correct_implementation_passes(self, task, hidden, capsys):
-        self.checks[task](getattr(self.alt, task), hidden=hidden)
+        with _secret(hidden):
+            self.checks[task](getattr(self.alt, task), hidden=bool(hidden))
         out, err = capsys.readouterr()
         assert err == "" and "agree" in out
 

@@ -276,3 +276,33 @@ def test_course_outputs_are_remembered_only_for_identical_cases():
     _course_output(counting, ref.batchnorm_forward, Case(case.label, {**case.data, "opaque": object()}))
     _course_output(counting, ref.batchnorm_forward, Case(case.label, {**case.data, "opaque": object()}))
     assert len(calls) == 4
+
+
+# --- hidden cases come from the course's secret --------------------------------------
+
+def test_hidden_cases_are_drawn_from_the_courses_secret(monkeypatch):
+    """The same secret draws the same hidden cases (regrading is deterministic); another
+    secret draws others; without one, hidden cases are refused with a clear message."""
+    from bn_reference.grading import GradingSecretMissing, case_rng, hidden_seed, use_secret
+
+    with use_secret("course A"):
+        a = case_rng(True, 3).normal(size=4)
+        assert np.array_equal(a, case_rng(True, 3).normal(size=4))
+        assert hidden_seed(3) != hidden_seed(4)
+    with use_secret("course B"):
+        assert not np.array_equal(a, case_rng(True, 3).normal(size=4))
+    assert np.array_equal(case_rng(False, 3).normal(size=4), np.random.default_rng(3).normal(size=4))
+    monkeypatch.delenv("BN_GRADING_SECRET")
+    with pytest.raises(GradingSecretMissing, match="grade with `bncourse`"):
+        fs_grading.check_mse_gradient(None, hidden=True)
+
+
+def test_an_exec_copy_claiming_a_library_file_name_is_refused():
+    """Code is fingerprinted by what it is, not by the file name it claims: a copy exec'd
+    under a name inside the Python installation is still found."""
+    fake = f"{sys.prefix}/lib/python3.11/site-packages/numpy/core/_internal_helpers.py"
+    namespace = dict(vars(ref))
+    exec(compile(inspect.getsource(ref.batchnorm_forward), fake, "exec"), namespace)
+    with pytest.raises(CheckFailed) as failure:
+        _check(namespace["batchnorm_forward"])
+    assert failure.value.misconception == REFERENCE_USED

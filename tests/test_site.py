@@ -51,7 +51,7 @@ def browser():
 @pytest.fixture(scope="module", params=SLUGS)
 def chapter(request, site_url, browser):
     """A loaded chapter page and every URL it requested."""
-    page = browser.new_page()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})  # a common laptop width
     page.slug = request.param
     requests = []
     page.on("request", lambda r: requests.append(r.url))
@@ -108,3 +108,37 @@ def test_launch_buttons_are_offered(chapter):
     assert len(hrefs) == 3
     header = page.locator(".dropdown-launch-buttons a").evaluate_all("links => links.map(a => a.href)")
     assert sorted(header) == sorted(hrefs), "the page's launch buttons must open the exercise too"
+
+
+#: A figure shown at less than this fraction of its own width has unreadable text: matplotlib's
+#: 10 pt at 100 dpi is 14 px in the image, and under 10 px on the page below 0.7.
+MIN_SCALE = 0.7
+
+
+def test_figures_are_shown_large_enough_to_read(chapter):
+    """At 1280 px the content column is about 690 px wide: a figure drawn much wider is
+    shrunk until its legend and labels cannot be read."""
+    page, _ = chapter
+    sizes = page.eval_on_selector_all(".cell_output img", "imgs => imgs.map(i => [i.naturalWidth, i.clientWidth])")
+    shrunk = [f"figure {i + 1}: {natural} px shown at {shown} px" for i, (natural, shown) in enumerate(sizes)
+              if natural and shown / natural < MIN_SCALE]
+    assert not shrunk, f"draw these narrower (or stack their panels): {shrunk}"
+
+
+def test_no_output_is_wider_than_the_page(chapter):
+    """A printed table wider than the column is clipped where the prose quotes it."""
+    page, _ = chapter
+    wide = page.eval_on_selector_all(".cell_output pre, .cell_output table",
+                                     "els => els.filter(e => e.scrollWidth > e.clientWidth + 1)"
+                                     ".map(e => e.textContent.trim().slice(0, 70))")
+    assert not wide, f"outputs wider than the page (print fewer or narrower columns): {wide}"
+
+
+def test_the_learner_package_is_linked_from_the_exercise_box(chapter):
+    page, _ = chapter
+    from bncourse.release import wheel_name
+
+    link = page.locator(".exercise-links a", has_text=wheel_name())
+    assert link.count() == 1
+    response = page.request.get(link.evaluate("a => a.href"))
+    assert response.ok and response.body()[:2] == b"PK"
