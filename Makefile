@@ -8,7 +8,7 @@ PY := $(BIN)/python
 # nbgrader runs helper programs (alembic) found on PATH
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: html test install system-deps exercises bench clean
+.PHONY: html test install system-deps exercises learner-repo bench clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml bn_exercises/pyproject.toml
 	python3 -m venv $(VENV)
@@ -44,6 +44,11 @@ test: html system-deps
 exercises: install
 	$(PY) -m bn_reference.grading.record
 	for d in solutions/*/; do $(BIN)/nbgrader generate_assignment "$$(basename $$d)" --force --log-level=WARN; done
+
+# The public repository a graded class's launch buttons open (book/instructors.md): the released
+# notebooks and Binder's environment files, nothing of solutions/ or bn_reference.
+learner-repo: install
+	$(PY) -m bncourse.release _build/learner-repo
 
 # Benchmarks print ratios measured side by side; the class-grading one takes several minutes.
 bench: install

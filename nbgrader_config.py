@@ -7,7 +7,7 @@ uses this file too, and replaces only how notebooks are run (in a sandbox).
 
 import os
 
-from bncourse.autograde import RestoreCells
+from bncourse.autograde import NormalizeMetadata, RestoreCells
 from bncourse.feedback import TEMPLATES, HideHiddenTests, PendingManualGrades
 from bncourse.release import InstallLearnerPackage
 from bncourse.secret import ProvideGradingSecret
@@ -26,10 +26,12 @@ c.CourseDirectory.course_id = "batchnorm"
 c.GenerateAssignment.preprocessors = [InstallLearnerPackage, *GenerateAssignment.class_traits()["preprocessors"].default()]
 c.InstallLearnerPackage.book_config = os.path.join(c.CourseDirectory.root, "_config.yml")
 
-# Deleted grade cells are put back (and graded); the checksum change that every
+# A submission's nbgrader metadata is checked against the gradebook first (a malformed or
+# duplicated claim is a warning, not an unreadable notebook); deleted grade cells are put
+# back (and graded); the checksum change that every
 # released grade cell shows by design (its hidden tests were removed) is not a warning.
-c.Autograde.sanitize_preprocessors = [ClearOutput, DeduplicateIds, OverwriteKernelspec, RestoreCells,
-                                      CheckCellMetadata]
+c.Autograde.sanitize_preprocessors = [NormalizeMetadata, ClearOutput, DeduplicateIds, OverwriteKernelspec,
+                                      RestoreCells, CheckCellMetadata]
 
 # The hidden tests draw their cases from the course's grading secret, kept in the gradebook.
 c.Autograde.autograde_preprocessors = [ProvideGradingSecret,

@@ -34,11 +34,12 @@ from nbgrader.coursedir import CourseDirectory
 from nbgrader.preprocessors import (AssignLatePenalties, CheckCellMetadata, ClearOutput, DeduplicateIds,
                                     IgnorePattern, LimitOutput, NbGraderPreprocessor, OverwriteCells,
                                     OverwriteKernelspec, SaveAutoGrades)
+from nbgrader import utils
 from nbgrader.utils import capture_log
 from traitlets.config import Config
 from traitlets.config.loader import PyFileConfigLoader
 
-from bncourse.judge import code_digest, is_grade_code
+from bncourse.judge import Release, code_digest
 from bncourse.pool import Job, Pool
 from bncourse.secret import course_secret
 
@@ -67,24 +68,88 @@ class RestoreCells(OverwriteCells):
             return
         super().report_change(name, attr, old, new)
 
+    def missing_cell_transform(self, source_cell, max_score, is_solution=False, is_task=False):
+        """A deleted cell put back with the gradebook's source exactly (nbgrader prepends a
+        comment to it, which would make it differ from the course's grade cell)."""
+        cell = super().missing_cell_transform(source_cell, max_score, is_solution, is_task)
+        if cell.cell_type == "code":
+            cell.source = source_cell.source
+        return cell
 
-SANITIZE = [ClearOutput, DeduplicateIds, OverwriteKernelspec, RestoreCells, CheckCellMetadata]
+
+class NormalizeMetadata(NbGraderPreprocessor):
+    """The nbgrader metadata of a submission's cells, checked against the gradebook before
+    nbgrader's own passes read it (they raise ``KeyError: 'grade_id'`` on a malformed
+    claim, and the notebook would not be graded at all). A cell whose metadata is
+    malformed or names a cell the assignment does not have becomes a plain cell of the
+    student's; of several cells claiming one grade id, the one holding the course's
+    source (else the last, as nbgrader keeps it) keeps the id. Every change is a
+    warning, so the instructor reads what was wrong with the notebook."""
+
+    def preprocess(self, nb, resources):
+        info = resources["nbgrader"]
+        with Gradebook(info["db_url"]) as gb:
+            sources = {c.name: c.source for c in gb.find_notebook(info["notebook"], info["assignment"]).source_cells}
+        claims: dict[str, list[int]] = {}
+        for index, cell in enumerate(nb.cells):
+            if "nbgrader" not in cell.metadata:
+                continue
+            why = _invalid_claim(cell.metadata["nbgrader"], sources)
+            if why:
+                self.log.warning("cell %d %s: treated as the student's own cell", index + 1, why)
+                del cell.metadata["nbgrader"]
+            else:
+                claims.setdefault(cell.metadata["nbgrader"]["grade_id"], []).append(index)
+        for grade_id, indices in claims.items():
+            if len(indices) > 1:
+                course = {sources[grade_id].strip(), HIDDEN.sub("", sources[grade_id]).strip()}
+                keep = next((i for i in indices if nb.cells[i].source.strip() in course), indices[-1])
+                for i in indices:
+                    if i != keep:
+                        del nb.cells[i].metadata["nbgrader"]
+                self.log.warning("cells %s all claim the grade id %r: cell %d keeps it, the others are treated as "
+                                 "the student's own cells", ", ".join(str(i + 1) for i in indices), grade_id, keep + 1)
+        return nb, resources
+
+
+def _invalid_claim(nbg, sources: dict[str, str]) -> str | None:
+    """What is wrong with a cell's nbgrader metadata, or None."""
+    if not isinstance(nbg, dict):
+        return "has nbgrader metadata that is not a mapping"
+    grade_id = nbg.get("grade_id")
+    if not isinstance(grade_id, str):
+        return "has nbgrader metadata without a grade id"
+    if grade_id not in sources:
+        return f"claims the grade id {grade_id[:80]!r}, which the assignment does not have"
+    flags = [k for k in ("grade", "solution", "locked", "task") if k in nbg and not isinstance(nbg[k], bool)]
+    if flags:
+        return f"has nbgrader flags that are not true or false ({', '.join(flags)})"
+    points = nbg.get("points", 0)
+    if isinstance(points, bool) or not isinstance(points, (int, float)) or not 0 <= points < 1e6:
+        return "has invalid points"
+    return None
+
+
+SANITIZE = [NormalizeMetadata, ClearOutput, DeduplicateIds, OverwriteKernelspec, RestoreCells, CheckCellMetadata]
 
 
 class SandboxExecute(NbGraderPreprocessor):
     """nbgrader's Execute, replaced: the notebook's outputs come from its sandboxed run.
-    A grade cell the grader did not run gets an error (nbgrader would score a cell
-    without output as passed)."""
+    A cell nbgrader will score gets outputs only from the grader's own run of the
+    course's grade cell; any other (one the grader did not run, or a cell whose grade
+    metadata is not the gradebook's) gets an error - nbgrader scores a grade cell
+    without an error as passed."""
 
     def preprocess(self, nb, resources):
         info = resources["nbgrader"]
         result = ClassRun.current.result_for(info["student"], info["notebook"], nb)
         why = result.get("stopped") or "the grader produced no result for it"
+        graded = set(result.get("graded", []))
         for index, cell in enumerate(nb.cells):
             if cell.cell_type != "code":
                 continue
             outputs = result["outputs"].get(index)
-            if outputs is None and is_grade_code(cell):
+            if utils.is_grade(cell) and index not in graded:
                 outputs = [nbformat.v4.new_output("error", ename="NotGraded", evalue=f"not graded: {why}",
                                                   traceback=[f"NotGraded: not graded: {why}"])]
             cell.outputs = [nbformat.from_dict(o) for o in outputs or []]
@@ -168,11 +233,12 @@ class ClassRun:
         self.config, self.slug, self.pool, self.log = config, slug, pool, log
         self.directory = coursedir(config, slug)
         self.secret = course_secret(self.directory.db_url)
+        self.release = Release.from_gradebook(self.directory.db_url, slug, slug)
 
     def submit(self, student: str, path: Path) -> None:
         """Queue one submission; a worker sanitizes it as nbgrader will, then grades it."""
-        self.pool.submit(Job((student, path.stem), self.slug, path=str(path), root=str(self.directory.root),
-                             db_url=self.directory.db_url, secret=self.secret))
+        self.pool.submit(Job((student, path.stem), self.slug, self.release, self.secret, path=str(path),
+                             root=str(self.directory.root), db_url=self.directory.db_url))
 
     def result_for(self, student: str, notebook: str, nb: nbformat.NotebookNode) -> dict:
         key = (student, notebook)
@@ -181,7 +247,7 @@ class ClassRun:
             self.log.warning("%s: the notebook graded differs from the one nbgrader sanitized; grading it again",
                              student)
             self.pool.done.pop(key)
-            self.pool.submit(Job(key, self.slug, notebook=nb, secret=self.secret))
+            self.pool.submit(Job(key, self.slug, self.release, self.secret, notebook=nb))
             result = self.pool.result(key)
         return result
 

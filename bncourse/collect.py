@@ -10,11 +10,20 @@ student the latest notebook wins: the highest ``-N`` suffix, then the newest
 entry; a student's own zip is opened; ``__MACOSX`` entries and macOS ``._`` files
 are skipped; a notebook saved under another name is found by its grade cells.
 
-A roster (CSV: ``student_id`` and optionally ``lms_id``, ``name``,
+A roster (CSV: ``student_id`` and ``lms_id``, optionally ``name``,
 ``first_name``, ``last_name``, ``email``, ``sis_id``, ``login_id``,
-``section``) maps LMS users to nbgrader ids; the :class:`ImportReport` lists
-roster students without a submission and every file it could not place. Every
-file received is kept under ``downloaded/<assignment>/`` - nothing is lost.
+``section``) maps LMS users to nbgrader ids by the LMS's user id only - a display
+name is for people to read, and anyone can take one. Without a roster, a
+student's id is the LMS name and user id together. The :class:`ImportReport`
+lists roster students without a submission and every file it could not place.
+Every file received is kept under ``downloaded/<assignment>/`` - nothing is lost.
+
+Everything received is hostile until proven otherwise: in a folder only regular
+files are read (never a symbolic link, a pipe, a device or a folder named like a
+notebook), with the instructor's rights but through file descriptors that refuse
+to follow links; a damaged or encrypted zip entry, a file too large or a notebook
+with too many cells is reported for its student alone, and everyone else is
+imported.
 """
 
 from __future__ import annotations
@@ -22,16 +31,20 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import stat
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-MAX_FILE = 50 * 2**20       # bytes: a larger notebook is refused
+MAX_FILE = 20 * 2**20       # bytes: a larger notebook is refused
+MAX_CELLS = 1000            # cells: the grader's own work per notebook grows with them
 MAX_TOTAL = 4 * 2**30       # bytes read from one zip (zip bombs)
 MAX_NESTING = 2             # a student's zip inside the LMS zip, and no deeper
+STUDENT_ID = re.compile(r"[A-Za-z0-9_@+-][A-Za-z0-9_.@+-]*")
 
 CANVAS = re.compile(r"^(?P<name>[^_/]+?)(?P<late>_LATE)?_(?P<uid>\d+)_(?P<sid>\d+)_(?P<file>.+)$")
 MOODLE = re.compile(r"^(?P<name>[^/]+?)_(?P<uid>\d+)_assignsubmission_(?:file|onlinetext)_/?(?P<file>.*)$")
@@ -40,10 +53,6 @@ RESUBMISSION = re.compile(r"^(?P<stem>.*?)-(?P<n>\d+)$")
 
 class CollectError(ValueError):
     """The submissions cannot be read as given (the message says what to do)."""
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
 @dataclass
@@ -61,7 +70,7 @@ class Roster:
                                f"student_id (optionally lms_id, name, first_name, last_name, email, sis_id, "
                                f"login_id, section).")
         ids = [r["student_id"] for r in rows]
-        bad = [i for i in ids if not re.fullmatch(r"[A-Za-z0-9_.@+-]+", i)]
+        bad = [i for i in ids if not STUDENT_ID.fullmatch(i)]
         if bad or len(set(ids)) != len(ids):
             raise CollectError(f"{path}: every student_id must be unique and made of letters, digits and _.@+- "
                                f"(problem with: {', '.join(sorted(set(bad) or {i for i in ids if ids.count(i) > 1}))}).")
@@ -70,19 +79,16 @@ class Roster:
     def ids(self) -> list[str]:
         return [r["student_id"] for r in self.rows]
 
-    def match(self, uid: str, name: str) -> str | None:
-        """The student_id of the LMS user ``uid`` called ``name``: by lms_id, else by name
-        (either order of first and last name)."""
-        for r in self.rows:
-            if uid and r.get("lms_id") == uid:
-                return r["student_id"]
-        wanted = _norm(name)
-        for r in self.rows:
-            names = {_norm(r.get("name", "")), _norm(r.get("first_name", "") + r.get("last_name", "")),
-                     _norm(r.get("last_name", "") + r.get("first_name", ""))} - {""}
-            if wanted and wanted in names:
-                return r["student_id"]
-        return None
+    def match(self, uid: str) -> str | None:
+        """The student_id of the LMS user ``uid`` (the roster's lms_id), or None."""
+        return next((r["student_id"] for r in self.rows if uid and r.get("lms_id") == uid), None)
+
+    def require_lms_ids(self) -> None:
+        if not any(r.get("lms_id") for r in self.rows):
+            raise CollectError("the roster has no lms_id column (or it is empty): LMS files are matched to students "
+                               "by the LMS's user id only - a display name can be taken by anyone. Add each "
+                               "student's LMS user id (Canvas: the ID column of the gradebook export; Moodle: "
+                               "the participant id) as lms_id.")
 
 
 @dataclass
@@ -146,11 +152,18 @@ def _entries(data: bytes, origin: str, depth: int, budget: list[int], report: Im
             if info.file_size > (MAX_FILE if not info.filename.endswith(".zip") else MAX_TOTAL):
                 report.problems.append(f"{where}: {info.file_size} bytes, larger than allowed")
                 continue
+            if info.flag_bits & 0x1:
+                report.problems.append(f"{where}: encrypted (not imported: ask the student for an unencrypted file)")
+                continue
             budget[0] -= info.file_size
             if budget[0] < 0:
                 report.problems.append(f"{where}: the archive unpacks to more than {MAX_TOTAL} bytes; stopped here")
                 return
-            content = archive.read(info)
+            try:
+                content = archive.read(info)
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, OSError) as exc:
+                report.problems.append(f"{where}: damaged in the archive ({type(exc).__name__}: {exc})"[:300])
+                continue
             if path.suffix == ".zip":
                 if depth >= MAX_NESTING:
                     report.problems.append(f"{where}: a zip nested too deeply")
@@ -161,23 +174,66 @@ def _entries(data: bytes, origin: str, depth: int, budget: list[int], report: Im
             yield info.filename, content, info.date_time
 
 
+class Refused(Exception):
+    """A file that is not imported (the message says why)."""
+
+
+def _read_regular(name: str, dir_fd: int) -> tuple[bytes, tuple]:
+    """The bytes and modification time of ``name`` in the open folder ``dir_fd``, if it is a
+    regular file of at most MAX_FILE bytes: a link is never followed, and a pipe or device
+    is never read."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        raise Refused("a symbolic link" if exc.errno == 40 else f"unreadable ({exc.strerror})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise Refused("not a regular file")
+        if info.st_size > MAX_FILE:
+            raise Refused(f"{info.st_size} bytes, larger than allowed")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_FILE + 1)
+        if len(data) > MAX_FILE:
+            raise Refused("larger than allowed")
+        return data, tuple(time.localtime(info.st_mtime)[:6])
+    finally:
+        os.close(fd)
+
+
+def _walk(source: Path, report: ImportReport):
+    """(relative path, bytes, date_time) of every regular file below the folder ``source``; links,
+    pipes, devices and other oddities are reported and skipped (never followed)."""
+    for folder, dirs, files, dir_fd in os.fwalk(source, follow_symlinks=False):
+        rel_folder = Path(folder).relative_to(source)
+        for name in sorted(dirs):
+            if stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                report.problems.append(f"{(rel_folder / name).as_posix()}: a symbolic link (not imported)")
+            elif name.endswith(".ipynb"):
+                report.problems.append(f"{(rel_folder / name).as_posix()}: not a regular file but a folder "
+                                       f"named like a notebook (not imported)")
+        for name in sorted(files):
+            rel = (rel_folder / name).as_posix()
+            if "__MACOSX" in Path(rel).parts or name.startswith("._") or name == ".DS_Store":
+                continue
+            try:
+                yield rel, *_read_regular(name, dir_fd)
+            except Refused as exc:
+                report.problems.append(f"{rel}: {exc} (not imported)")
+
+
 def _files(source: Path, report: ImportReport):
     """(relative path, bytes, date_time) of every file in a zip or a folder."""
     budget = [MAX_TOTAL]
     if source.is_file():
         yield from _entries(source.read_bytes(), source.name, 1, budget, report)
         return
-    for path in sorted(p for p in source.rglob("*") if p.is_file() and not p.is_symlink()):
-        rel = path.relative_to(source).as_posix()
-        if "__MACOSX" in Path(rel).parts or path.name.startswith("._"):
-            continue
-        if path.suffix == ".zip":
-            for inner, blob, when in _entries(path.read_bytes(), rel, 2, budget, report):
+    for rel, data, when in _walk(source, report):
+        if rel.endswith(".zip"):
+            for inner, blob, when in _entries(data, rel, 2, budget, report):
                 yield f"{rel}/{inner}", blob, when
-        elif path.stat().st_size > MAX_FILE:
-            report.problems.append(f"{rel}: larger than allowed")
         else:
-            yield rel, path.read_bytes(), tuple(time.localtime(path.stat().st_mtime)[:6])
+            yield rel, data, when
 
 
 def _who(rel: str, lms: str):
@@ -238,12 +294,17 @@ def collect(root: Path, slug: str, source: Path, roster: Roster | None = None, l
     grade_ids = _assignment_grade_ids(root, slug)
     per_student: dict[str, list[Candidate]] = {}
     if source.is_dir() and _is_nbgrader_layout(source, slug):
-        for folder in sorted(p for p in source.iterdir() if (p / slug).is_dir()):
-            for path in sorted((folder / slug).glob("*.ipynb")):
-                per_student.setdefault(folder.name, []).append(
-                    Candidate(f"{folder.name}/{slug}/{path.name}", path.name, path.read_bytes()))
+        for rel, data, _ in _walk(source, report):
+            parts = rel.split("/")
+            if len(parts) != 3 or parts[1] != slug or not parts[2].endswith(".ipynb"):
+                continue
+            if not STUDENT_ID.fullmatch(parts[0]):
+                report.problems.append(f"{rel}: {parts[0]!r} is not a valid student id (letters, digits, _.@+-)")
+                continue
+            per_student.setdefault(parts[0], []).append(Candidate(rel, parts[2], data))
     else:
-        names: dict[str, str] = {}
+        if roster:
+            roster.require_lms_ids()
         for rel, data, when in _files(source, report):
             who = _who(rel, lms)
             if who is None:
@@ -251,7 +312,7 @@ def collect(root: Path, slug: str, source: Path, roster: Roster | None = None, l
                 _keep(root, slug, "unmatched", rel, data)
                 continue
             name, uid, late, inner = who
-            student = roster.match(uid, name) if roster else _plain_id(name, uid, names)
+            student = roster.match(uid) if roster else _plain_id(name, uid)
             if student is None:
                 report.unmatched.append(f"{rel} (LMS user {uid}, {name!r}: not on the roster)")
                 _keep(root, slug, "unmatched", rel, data)
@@ -263,6 +324,10 @@ def collect(root: Path, slug: str, source: Path, roster: Roster | None = None, l
             _keep(root, slug, student, c.origin, c.data)
         best = _choose(slug, student, found, grade_ids, report)
         if best is None:
+            continue
+        too_big = _too_big(best.data)
+        if too_big:
+            report.problems.append(f"{best.origin} (student {student}): {too_big} (not imported)")
             continue
         target = root / "submitted" / student / slug / f"{slug}.ipynb"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -278,15 +343,28 @@ def collect(root: Path, slug: str, source: Path, roster: Roster | None = None, l
     return report
 
 
+def _too_big(data: bytes) -> str | None:
+    """Why grading this notebook would cost the grader too much, or None (a file that is not
+    valid JSON is imported: grading reports it as damaged, and keeps it)."""
+    try:
+        cells = json.loads(data).get("cells", [])
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    if isinstance(cells, list) and len(cells) > MAX_CELLS:
+        return (f"the notebook has {len(cells)} cells; at most {MAX_CELLS} are graded (the exercise has "
+                f"about 40): ask the student for the exercise's notebook")
+    return None
+
+
 def _is_nbgrader_layout(source: Path, slug: str) -> bool:
-    return any((p / slug).is_dir() for p in source.iterdir())
+    return any(p.is_dir() and not p.is_symlink() and (p / slug).is_dir() and not (p / slug).is_symlink()
+               for p in source.iterdir())
 
 
-def _plain_id(name: str, uid: str, names: dict) -> str:
-    """Without a roster: the LMS name as the id, with the LMS user id when two names clash."""
-    base = re.sub(r"[^A-Za-z0-9_.-]", "", name.replace(" ", "_")) or "student"
-    owner = names.setdefault(base, uid)
-    return base if owner == uid else f"{base}_{uid}"
+def _plain_id(name: str, uid: str) -> str:
+    """Without a roster: the LMS name and user id (the name alone is anyone's to take)."""
+    base = re.sub(r"[^A-Za-z0-9_.-]", "", name.replace(" ", "_")).lstrip(".") or "student"
+    return f"{base}_{re.sub(r'[^0-9A-Za-z]', '', uid)}"
 
 
 def _keep(root: Path, slug: str, who: str, rel: str, data: bytes) -> None:

@@ -7,6 +7,11 @@ form Canvas's gradebook import reads (Student, ID, SIS User ID, SIS Login ID,
 Section, then one column for the assignment); a student whose written answers
 are not graded yet gets an empty cell there, so that importing never posts an
 incomplete grade.
+
+Names, ids and e-mails come from students (an LMS display name, a roster the LMS
+exported): a cell that a spreadsheet would run as a formula (it starts with ``=``,
+``+``, ``-``, ``@``, a tab or a carriage return) is written with a leading ``'``,
+as OWASP recommends against CSV injection; numbers are written as they are.
 """
 
 from __future__ import annotations
@@ -50,12 +55,27 @@ def grade_rows(db_url: str, slug: str, roster: Roster | None = None, late: set[s
     return rows
 
 
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def safe_cell(value):
+    """``value`` as a spreadsheet will not run it: text that starts like a formula gets a
+    leading ``'`` (numbers stay numbers)."""
+    if isinstance(value, str) and value.startswith(_FORMULA):
+        try:
+            float(value)
+            return value
+        except ValueError:
+            return "'" + value
+    return value
+
+
 def write_grades(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, FIELDS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: safe_cell(v) for k, v in row.items()} for row in rows)
     return path
 
 
@@ -65,7 +85,7 @@ def write_canvas(rows: list[dict], roster: Roster | None, column: str, path: Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["Student", "ID", "SIS User ID", "SIS Login ID", "Section", column])
+        writer.writerow(["Student", "ID", "SIS User ID", "SIS Login ID", "Section", safe_cell(column)])
         max_score = rows[0]["max_score"] if rows else ""
         writer.writerow(["Points Possible", "", "", "", "", max_score])
         for row in rows:
@@ -73,6 +93,6 @@ def write_canvas(rows: list[dict], roster: Roster | None, column: str, path: Pat
             name = info.get("name") or ", ".join(p for p in (row["last_name"], row["first_name"]) if p) \
                 or row["student_id"]
             score = "" if row.get("pending_manual_points") else row["score"]
-            writer.writerow([name, info.get("lms_id", ""), info.get("sis_id", row["student_id"]),
-                             info.get("login_id", ""), info.get("section", ""), score])
+            writer.writerow(map(safe_cell, [name, info.get("lms_id", ""), info.get("sis_id", row["student_id"]),
+                                            info.get("login_id", ""), info.get("section", ""), score]))
     return path

@@ -42,7 +42,7 @@ import nbformat
 
 import bn_exercises
 import bn_reference
-from bn_exercises.checking import (ANSWERS_MISSING, INPUT_CHANGED, INSTRUMENTATION_OFF, NOT_IMPLEMENTED,
+from bn_exercises.checking import (ALSO, ANSWERS_MISSING, INPUT_CHANGED, INSTRUMENTATION_OFF, NOT_IMPLEMENTED,
                                    REFERENCE_USED, CheckFailed)
 from bn_exercises.execution import Forbidden, LearnerError, Outcome, call_student, fingerprint, use_executor
 from bncourse.sandbox import Limits, Sandbox, SessionDied
@@ -53,6 +53,8 @@ cloudpickle.register_pickle_by_value(bn_reference)
 cloudpickle.register_pickle_by_value(bn_exercises)
 
 _TEXT_LIMIT = 20_000
+_CELL_OUTPUTS = 2_000_000  # bytes of one cell's outputs the grader keeps (whatever the sandbox sends)
+_MAX_OUTPUTS = 200         # outputs of one cell the grader looks at
 _GRACE = 5.0  # seconds a cell gets to stop after it is interrupted
 
 
@@ -73,6 +75,7 @@ class NotebookResult:
 
     outputs: dict[int, list] = field(default_factory=dict)
     execution_counts: dict[int, int] = field(default_factory=dict)
+    graded: list[int] = field(default_factory=list)  # the cells run as the course's grade cells, here
     tasks: list[TaskResult] = field(default_factory=list)
     stopped: str | None = None      # why cells were left unrun, if they were
     failed: bool = False            # the grader itself failed: this notebook is not graded
@@ -90,14 +93,83 @@ def code_digest(nb: nbformat.NotebookNode) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def is_grade_code(cell) -> bool:
-    nbg = cell.metadata.get("nbgrader", {})
-    return cell.cell_type == "code" and nbg.get("grade", False) and not nbg.get("solution", False)
+def _grade_id(cell) -> str | None:
+    nbg = cell.metadata.get("nbgrader")
+    grade_id = nbg.get("grade_id") if isinstance(nbg, dict) else None
+    return grade_id if isinstance(grade_id, str) else None
 
 
-def is_locked(cell) -> bool:
-    nbg = cell.metadata.get("nbgrader", {})
-    return nbg.get("locked", False) or (nbg.get("grade", False) and not nbg.get("solution", False))
+@dataclass(frozen=True)
+class Release:
+    """The gradebook's own record of an assignment notebook - what a submission cannot
+    change: its code grade cells (id -> source) and the sources of its locked cells
+    (whose imports name the checks). Whether a cell of a submission runs on the
+    grader's side is decided from this record, never from the submission's metadata."""
+
+    grade_cells: dict[str, str]
+    locked_sources: tuple[str, ...]
+
+    @classmethod
+    def from_gradebook(cls, db_url: str, assignment: str, notebook: str) -> "Release":
+        from nbgrader.api import Gradebook
+        with Gradebook(db_url) as gb:
+            nb = gb.find_notebook(notebook, assignment)
+            solutions = {c.name for c in nb.solution_cells}
+            codes = {c.name for c in nb.grade_cells if c.cell_type == "code"} - solutions
+            sources = {c.name: c for c in nb.source_cells}
+            return cls({name: sources[name].source for name in codes if name in sources},
+                       tuple(c.source for c in nb.source_cells if c.locked and c.cell_type == "code"))
+
+    @classmethod
+    def from_notebook(cls, nb: nbformat.NotebookNode) -> "Release":
+        """The record of a course notebook of our own (the source in ``solutions/``)."""
+        def flags(cell):
+            nbg = cell.metadata.get("nbgrader", {})
+            return nbg.get("grade", False), nbg.get("solution", False), nbg.get("locked", False)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        return cls({_grade_id(c): c.source for c in code if flags(c)[0] and not flags(c)[1]},
+                   tuple(c.source for c in code if flags(c)[2] or (flags(c)[0] and not flags(c)[1])))
+
+    def is_grade_cell(self, cell) -> bool:
+        """Whether ``cell`` is one of the course's grade cells, as the gradebook records it."""
+        grade_id = _grade_id(cell)
+        return cell.cell_type == "code" and grade_id in self.grade_cells and cell.source == self.grade_cells[grade_id]
+
+    def checks(self) -> dict[str, Any]:
+        """The checks the locked cells import, as the grader's: a name imported from the
+        learner package's ``bn_exercises.<topic>`` stands for the live check of the same
+        name in ``bn_reference.grading.<topic>`` (visible and hidden cases, against the
+        reference)."""
+        names = {}
+        grade_sources = set(self.grade_cells.values())
+        for source in self.locked_sources:
+            if source in grade_sources:
+                continue
+            try:
+                tree = ast.parse(_python_source(source))
+            except SyntaxError:
+                continue
+            for node in ast.walk(tree):
+                module = node.module or "" if isinstance(node, ast.ImportFrom) else ""
+                if module.startswith(("bn_exercises.", "bn_reference.grading.")):
+                    grader = importlib.import_module(f"bn_reference.grading.{module.rpartition('.')[2]}")
+                    for alias in node.names:
+                        if alias.name.startswith("check_"):
+                            names[alias.asname or alias.name] = getattr(grader, alias.name)
+        return names
+
+    def known_misconceptions(self) -> set[str]:
+        """Every misconception name the notebook's checks can report: the core's, the
+        catalogues', and the names a grading or learner module defines as upper-case string
+        constants (a ``run`` raises CheckFailed with those)."""
+        names = {REFERENCE_USED, INPUT_CHANGED, INSTRUMENTATION_OFF, NOT_IMPLEMENTED, ANSWERS_MISSING}
+        for grader in {importlib.import_module(f.__module__) for f in self.checks().values()}:
+            learner = importlib.import_module(f"bn_exercises.{grader.__name__.rpartition('.')[2]}")
+            for entries in getattr(grader, "CATALOGUE", {}).values():
+                names |= {part for m in entries for part in m.name.split(ALSO)} | {m.name for m in entries}
+            names |= {v for module in (grader, learner) for k, v in vars(module).items()
+                      if k.isupper() and isinstance(v, str)}
+        return names
 
 
 def _python_source(source: str) -> str:
@@ -134,28 +206,6 @@ class _GradeCellNames(dict):
         return RemoteObject(name)
 
 
-def imported_checks(nb: nbformat.NotebookNode) -> dict[str, Any]:
-    """The checks the notebook's locked cells import, as the grader's: a name imported from
-    the learner package's ``bn_exercises.<topic>`` stands for the live check of the same name
-    in ``bn_reference.grading.<topic>`` (visible and hidden cases, against the reference)."""
-    names = {}
-    for cell in nb.cells:
-        if cell.cell_type != "code" or not is_locked(cell) or is_grade_code(cell):
-            continue
-        try:
-            tree = ast.parse(_python_source(cell.source))
-        except SyntaxError:
-            continue
-        for node in ast.walk(tree):
-            module = node.module or "" if isinstance(node, ast.ImportFrom) else ""
-            if module.startswith(("bn_exercises.", "bn_reference.grading.")):
-                grader = importlib.import_module(f"bn_reference.grading.{module.rpartition('.')[2]}")
-                for alias in node.names:
-                    if alias.name.startswith("check_"):
-                        names[alias.asname or alias.name] = getattr(grader, alias.name)
-    return names
-
-
 def _check_names(source: str) -> list[str]:
     """The check functions a grade cell calls (``check_x`` -> ``x``)."""
     try:
@@ -166,11 +216,13 @@ def _check_names(source: str) -> list[str]:
     return list(dict.fromkeys(c.removeprefix("check_") for c in calls if c.startswith("check_")))
 
 
-def source_fingerprints(nb: nbformat.NotebookNode) -> set[str]:
-    """Fingerprints of every function and class body written in the notebook's own cells."""
+def source_fingerprints(nb: nbformat.NotebookNode, release: Release | None = None) -> set[str]:
+    """Fingerprints of every function and class body written in the notebook's own cells
+    (all its code cells but the course's grade cells)."""
+    release = release or Release({}, ())
     prints = set()
     for cell in nb.cells:
-        if cell.cell_type != "code" or is_grade_code(cell):
+        if cell.cell_type != "code" or release.is_grade_cell(cell):
             continue
         try:
             code = compile(_python_source(cell.source), "<cell>", "exec")
@@ -270,9 +322,31 @@ def _clean_output(output: Any) -> dict | None:
     return None
 
 
+def _bounded_outputs(raw: Any) -> list:
+    """The outputs of a cell as the grader keeps them: cleaned, at most ``_MAX_OUTPUTS`` of
+    them and ``_CELL_OUTPUTS`` bytes in all (the kernel caps them too, but the kernel is in
+    the student's hands)."""
+    raw = raw if isinstance(raw, list) else []
+    kept, size, dropped = [], 0, max(0, len(raw) - _MAX_OUTPUTS)
+    for output in map(_clean_output, raw[:_MAX_OUTPUTS]):
+        if output is None:
+            continue
+        n = len(str(output.get("text", ""))) + sum(len(str(v)) for v in output.get("data", {}).values()) \
+            + len(str(output.get("evalue", ""))) + sum(map(len, output.get("traceback", [])))
+        if size + n > _CELL_OUTPUTS:
+            dropped += 1
+            continue
+        size += n
+        kept.append(output)
+    if dropped:
+        kept.append(nbformat.v4.new_output("stream", name="stdout", text=f"\n[{dropped} more output(s) dropped by "
+                                           f"the grader: a cell keeps at most {_CELL_OUTPUTS // 10**6} MB]\n"))
+    return kept
+
+
 def _is_png(data: Any) -> bool:
     """Whether ``data`` is base64 text of a PNG image (of a sane size)."""
-    if not isinstance(data, str) or len(data) > 4_000_000:
+    if not isinstance(data, str) or len(data) > _CELL_OUTPUTS:
         return False
     try:
         return base64.b64decode(data[:24], validate=True)[:8] == b"\x89PNG\r\n\x1a\n"
@@ -294,10 +368,10 @@ def _error(ename: str, evalue: str) -> dict:
 class NotebookGrader:
     """Runs one sanitized notebook: ordinary cells in ``sandbox``, grade cells here."""
 
-    def __init__(self, sandbox: Sandbox, nb: nbformat.NotebookNode, limits: Limits, known: set[str]):
-        self.sandbox, self.nb, self.limits, self.known = sandbox, nb, limits, known
-        self.checks = imported_checks(nb)
-        self.prints = source_fingerprints(nb)
+    def __init__(self, sandbox: Sandbox, nb: nbformat.NotebookNode, limits: Limits, release: Release):
+        self.sandbox, self.nb, self.limits, self.release = sandbox, nb, limits, release
+        self.checks, self.known = release.checks(), release.known_misconceptions()
+        self.prints = source_fingerprints(nb, release)
         self.result = NotebookResult(digest=code_digest(nb))
         self.defined: dict[tuple[int, int], int] = {}
         self._keep: list = []
@@ -367,7 +441,7 @@ class NotebookGrader:
     def run_cell(self, index: int, cell) -> None:
         self.cell_deadline = min(time.monotonic() + self.limits.cell_timeout, self.deadline)
         reply = self._request({"op": "exec", "source": cell.source})
-        outputs = [o for o in map(_clean_output, reply.get("outputs", [])) if o is not None]
+        outputs = _bounded_outputs(reply.get("outputs"))
         if reply.get("timed_out"):
             outputs = [o for o in outputs if not (o.output_type == "error" and o.ename == "KeyboardInterrupt")]
             outputs.append(_error("CellTimeoutError", self._timeout_message()))
@@ -387,7 +461,7 @@ class NotebookGrader:
                 f"look for a loop that never ends")
 
     def run_grade_cell(self, index: int, cell) -> None:
-        grade_id = cell.metadata["nbgrader"]["grade_id"]
+        grade_id = _grade_id(cell)
         task = ", ".join(_check_names(cell.source)) or grade_id
         printed, verdict = io.StringIO(), TaskResult(grade_id, task, "passed")
         error = None
@@ -407,18 +481,20 @@ class NotebookGrader:
         outputs = [nbformat.v4.new_output("stream", name="stdout", text=_text(printed.getvalue()))] \
             if printed.getvalue() else []
         self.result.outputs[index] = outputs + ([error] if error else [])
+        self.result.graded.append(index)
         self.result.tasks.append(verdict)
 
     def skip(self, index: int, cell, reason: str) -> None:
         self.result.outputs[index] = [_error("NotRun", f"not run: {reason}")]
-        if is_grade_code(cell):
-            grade_id = cell.metadata["nbgrader"]["grade_id"]
+        if self.release.is_grade_cell(cell):
+            grade_id = _grade_id(cell)
             task = ", ".join(_check_names(cell.source)) or grade_id
             self.result.tasks.append(TaskResult(grade_id, task, "not graded", None, reason))
 
     def grade(self) -> NotebookResult:
         started = time.monotonic()
         self.deadline = started + self.limits.notebook_timeout
+        self.oom_kills = self.sandbox.oom_kills()
         self.sandbox.open()
         unrun, died_at, detail = [], None, ""
         try:
@@ -431,7 +507,7 @@ class NotebookGrader:
                 try:
                     if time.monotonic() >= self.deadline:
                         raise TimeoutError
-                    (self.run_grade_cell if is_grade_code(cell) else self.run_cell)(index, cell)
+                    (self.run_grade_cell if self.release.is_grade_cell(cell) else self.run_cell)(index, cell)
                 except TimeoutError:
                     self.result.stopped = (f"the notebook reached its {self.limits.notebook_timeout:.0f} s "
                                            f"time limit before cell {index + 1}")
@@ -453,7 +529,10 @@ class NotebookGrader:
         how = {"SIGSEGV": "it crashed (segmentation fault)", "SIGXCPU": "it used up its CPU time",
                "SIGKILL": "it was killed (it did not stop when interrupted, or ran out of resources)",
                "SIGABRT": "it aborted"}
-        if "did not stop when interrupted" in detail:
+        if ended.get("signal") == "SIGKILL" and self.sandbox.oom_kills() > self.oom_kills:
+            reason = (f"it ran out of memory: the notebook may hold at most {self.limits.memory / 2**30:g} GiB "
+                      f"(its processes, shared memory and files in /tmp and /dev/shm together)")
+        elif "did not stop when interrupted" in detail:
             reason = f"it did not stop when interrupted at the {self.limits.cell_timeout:.0f} s time limit"
         elif ended.get("ended") == "signal":
             reason = how.get(ended.get("signal"), f"it was stopped by {ended.get('signal')}")
@@ -466,8 +545,8 @@ class NotebookGrader:
             "KernelDied", f"{self.result.stopped}. The cells before it keep their results; the cells after it "
                           f"were not run.")]
         cell = self.nb.cells[index]
-        if is_grade_code(cell):
-            grade_id = cell.metadata["nbgrader"]["grade_id"]
+        if self.release.is_grade_cell(cell):
+            grade_id = _grade_id(cell)
             self.result.tasks.append(TaskResult(grade_id, ", ".join(_check_names(cell.source)) or grade_id,
                                                 "not graded", None, self.result.stopped))
 
@@ -475,23 +554,11 @@ class NotebookGrader:
 def task_names(source: Path) -> list[str]:
     """The tasks of an assignment, in order, from its source notebook's grade cells."""
     nb = nbformat.read(source, as_version=4)
-    return [", ".join(_check_names(c.source)) or c.metadata["nbgrader"]["grade_id"] for c in nb.cells
-            if is_grade_code(c)]
+    release = Release.from_notebook(nb)
+    return [", ".join(_check_names(c.source)) or _grade_id(c) for c in nb.cells if release.is_grade_cell(c)]
 
 
-def known_misconceptions(nb: nbformat.NotebookNode) -> set[str]:
-    """Every misconception name the notebook's checks can report: the core's, the
-    catalogues', and the names a grading module defines as upper-case string constants
-    (a ``run`` raises CheckFailed with those)."""
-    names = {REFERENCE_USED, INPUT_CHANGED, INSTRUMENTATION_OFF, NOT_IMPLEMENTED, ANSWERS_MISSING}
-    for grader in {importlib.import_module(f.__module__) for f in imported_checks(nb).values() if callable(f)}:
-        learner = importlib.import_module(f"bn_exercises.{grader.__name__.rpartition('.')[2]}")
-        names |= {m.name for entries in getattr(grader, "CATALOGUE", {}).values() for m in entries}
-        names |= {v for module in (grader, learner) for k, v in vars(module).items()
-                  if k.isupper() and isinstance(v, str)}
-    return names
-
-
-def grade_notebook(sandbox: Sandbox, nb: nbformat.NotebookNode, limits: Limits) -> NotebookResult:
-    """Grade one sanitized notebook in ``sandbox`` (which must be started)."""
-    return NotebookGrader(sandbox, nb, limits, known_misconceptions(nb)).grade()
+def grade_notebook(sandbox: Sandbox, nb: nbformat.NotebookNode, limits: Limits, release: Release) -> NotebookResult:
+    """Grade one sanitized notebook in ``sandbox`` (which must be started): the cells
+    ``release`` names as the course's grade cells here, every other cell in the sandbox."""
+    return NotebookGrader(sandbox, nb, limits, release).grade()

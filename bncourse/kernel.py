@@ -283,6 +283,9 @@ def _notebook_child(sock: socket.socket, shell, request: dict) -> None:
     """Set this process's limits, then serve the grader's requests until it says bye."""
     os.setsid()
     ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # its own /proc files stay readable
+    with contextlib.suppress(OSError):  # out of memory in the sandbox's cgroup: the notebook goes, not the kernel
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
     limits = request["limits"]
     _limit(resource.RLIMIT_AS, _virtual_memory() + int(limits["memory"]))
     _limit(resource.RLIMIT_CPU, int(limits["cpu"]))
@@ -372,11 +375,33 @@ def _wipe(top: str) -> None:
             os.rmdir(path)
 
 
+_IPC_RMID = 0
+_IPC_OBJECTS = {"shm": "shmctl", "sem": "semctl", "msg": "msgctl"}  # /proc/sysvipc/<kind> -> its control call
+
+
+def _wipe_ipc() -> int:
+    """Remove every System V shared-memory segment, semaphore set and message queue of the
+    sandbox's IPC namespace (they outlive the processes that made them); returns how many."""
+    libc, removed = ctypes.CDLL(None, use_errno=True), 0
+    for kind, call in _IPC_OBJECTS.items():
+        try:
+            lines = open(f"/proc/sysvipc/{kind}").read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            ident = int(line.split()[1])
+            args = (ident, 0, _IPC_RMID) if kind == "sem" else (ident, _IPC_RMID, None)
+            removed += getattr(libc, call)(*args) == 0
+    return removed
+
+
 def _clean(child: int | None) -> dict:
-    """End the notebook: kill its processes, reap the child, wipe the scratch folder.
+    """End the notebook: kill its processes, reap the child, wipe what it could leave behind.
 
     In the sandbox's own PID namespace that is every process but this one and PID 1
-    (``kill(-1)`` reaches nothing outside it); without one, only the child's session."""
+    (``kill(-1)`` reaches nothing outside it); without one, only the child's session.
+    Then the scratch folder, ``/dev/shm``, the POSIX message queues and the System V
+    IPC objects are emptied (processes are gone; these are not, unless removed)."""
     status = None
     for _ in range(500):
         try:
@@ -399,6 +424,11 @@ def _clean(child: int | None) -> dict:
             break
         time.sleep(0.01)
     _wipe(SCRATCH)
+    if ISOLATED:
+        for folder in ("/dev/shm", "/dev/mqueue"):
+            if os.path.isdir(folder):
+                _wipe(folder)
+        _wipe_ipc()
     if status is None:
         return {"ended": "unknown"}
     if os.WIFSIGNALED(status):

@@ -26,11 +26,12 @@ UID_BASE = 60_000  # worker i's sandbox runs as user UID_BASE + i
 class Job:
     key: Any                         # how the caller knows the result: (student, notebook)
     slug: str                        # the assignment
+    release: Any                     # the gradebook's record of it (bncourse.judge.Release)
+    secret: str                      # the course's grading secret (hidden cases' seeds)
     notebook: dict | None = None     # the sanitized notebook; or, to be sanitized by the worker:
     path: str | None = None          # the submitted notebook,
     root: str | None = None          # the course directory
     db_url: str | None = None        # and its gradebook
-    secret: str = ""                 # the course's grading secret (hidden cases' seeds)
 
 
 def _notebook(job: Job, configs: dict):
@@ -81,7 +82,7 @@ def _work(conn, index: int, limits: Limits, isolation: bool) -> None:
                     sandbox = Sandbox(uid=UID_BASE + index, limits=limits, isolation=isolation)
                     sandbox.start()
                 with use_secret(job.secret):
-                    result = grade_notebook(sandbox, nb, limits).to_dict()
+                    result = grade_notebook(sandbox, nb, limits, job.release).to_dict()
             except SessionDied as exc:
                 if sandbox is not None:
                     sandbox.shutdown()

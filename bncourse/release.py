@@ -55,3 +55,63 @@ class InstallLearnerPackage(NbGraderPreprocessor):
                 if url:
                     cell.source = WHEEL.sub(lambda m: m[1] + url + m[2], cell.source)
         return nb, resources
+
+
+# --------------------------------------------------------------------------
+# What Binder and a learner repository hold
+
+_LIBRARIES = ("numpy", "scipy", "scikit-learn", "matplotlib")
+
+
+def binder_requirements(root: Path) -> str:
+    """``binder/requirements.txt``: the libraries the notebooks use, pinned as the course
+    pins them (PyTorch's CPU build from its own index), and the learner package from the
+    site - never ``bn_reference``. Binder reads ``binder/`` before the repository's root."""
+    pins = {line.split("==")[0]: line.strip() for line in (root / "requirements.txt").read_text().splitlines()
+            if "==" in line and not line.startswith("#")}
+    url = wheel_url(str(root / "_config.yml"))
+    return "\n".join([
+        "# Binder's environment for the exercises: the notebooks' libraries and the course's learner",
+        "# package (checks and recorded answers, no reference code). Written by `make learner-repo`.",
+        "--extra-index-url https://download.pytorch.org/whl/cpu",
+        pins["torch"],
+        *(pins[name] for name in _LIBRARIES),
+        f"bn_exercises @ {url}",
+        "",
+    ])
+
+
+def write_learner_repository(root: Path, out: Path) -> Path:
+    """The public repository a graded class's launch buttons open: the released notebooks,
+    Binder's environment files and a README - nothing of solutions/ or bn_reference."""
+    import shutil
+
+    if out.exists():
+        shutil.rmtree(out)
+    for notebook in sorted((root / "exercises").glob("*/*.ipynb")):
+        target = out / notebook.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(notebook, target)
+    (out / "binder").mkdir(parents=True)
+    (out / "binder" / "requirements.txt").write_text(binder_requirements(root))
+    (out / "README.md").write_text(
+        "# Exercises of *Batch Normalization, from feature scaling to its limits*\n\n"
+        f"The course's site is {site_url(str(root / '_config.yml'))}. Each chapter's exercise notebook is in "
+        "`exercises/<chapter>/`; open it from the site's launch buttons (Colab, Binder, JupyterHub) or download "
+        "it. Its first cell installs the course's learner package from the site.\n")
+    return out
+
+
+def main(argv=None) -> None:
+    """``python -m bncourse.release OUT``: write the learner repository (``make learner-repo``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=write_learner_repository.__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    root = Path(__file__).resolve().parents[1]
+    print(f"learner repository: {write_learner_repository(root, args.out)}")
+
+
+if __name__ == "__main__":
+    main()

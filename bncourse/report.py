@@ -18,6 +18,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from bn_exercises.checking import ALSO, NOT_IMPLEMENTED
+from bncourse.export import safe_cell
 
 PASSED, UNRECOGNISED, NOT_GRADED = "passed", "failed, no known misconception", "could not be graded"
 _LAST = (NOT_IMPLEMENTED, UNRECOGNISED, NOT_GRADED)
@@ -55,7 +56,8 @@ def write_csv(table, path: Path) -> Path:
         for task, outcomes in table.items():
             for outcome in _outcome_order(outcomes):
                 if outcomes.get(outcome):
-                    writer.writerow([task, outcome, len(outcomes[outcome]), " ".join(sorted(outcomes[outcome]))])
+                    writer.writerow([task, outcome, len(outcomes[outcome]),
+                                     safe_cell(" ".join(sorted(outcomes[outcome])))])
     return path
 
 

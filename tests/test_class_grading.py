@@ -115,7 +115,87 @@ def _attacks(model, release, course: Path, port: int) -> dict:
                                        "display(HTML('<script>document.title = \"pwned\"</script><b>bold</b>'))",
                                 cell=0),
         "blank": release,
+        # the second round (issue 17): forged grades, replies, resources, kernel objects
+        "forges_locked_imports": _forged_locked_imports(model),
+        "claims_grade_ids": _claims_grade_ids(model),
+        "precomputes_hidden_answers": replace(model, _answer_table(), cell=2),
+        "execs_copy_as_library": replace(model, EXEC_AS_LIBRARY.format(source=_pasted_reference()), cell=2),
+        "trickles_reply": inject(model, TRICKLE),
+        "amplifies_reply": inject(model, AMPLIFY),
+        "forges_huge_outputs": inject(model, FORGED_OUTPUTS, cell=0),
+        "nests_user_namespace": inject(model, NESTED_USERNS, cell=0),
+        "hogs_shared_memory": inject(model, SHM_HOG),
+        "leaves_kernel_objects": inject(model, LEAVES_KERNEL_OBJECTS, cell=0),
     }
+
+
+def _forged_locked_imports(model):
+    """No code of its own: every answer cell imports checks under the names the grade cells
+    call, its metadata says "locked", and one more cell claims the import cell's grade id."""
+    nb = nbformat.from_dict(model)
+    rebind = ("from bn_reference.grading.feature_scaling import check_standard_scaler as check_mse_gradient\n"
+              "from bn_exercises.feature_scaling import check_standard_scaler as check_gradient_descent\n")
+    for cell in _solution_cells(nb):
+        cell.source = rebind
+        cell.metadata["nbgrader"]["locked"] = True
+    fake = nbformat.v4.new_code_cell(rebind)
+    fake.metadata["nbgrader"] = {"grade": False, "solution": False, "locked": True, "grade_id": "imports",
+                                 "schema_version": 3}
+    nb.cells.append(fake)
+    return nb
+
+
+def _claims_grade_ids(model):
+    """Correct answers, plus a cell claiming a grade cell's id before the real one, and a cell
+    that says it is a grade cell without an id (nbgrader's own passes raise KeyError on both)."""
+    nb = nbformat.from_dict(model)
+    real = next(c for c in _grade_cells(nb) if c.metadata.nbgrader["grade_id"] == "test_mse_gradient")
+    twin = nbformat.v4.new_code_cell("print('this cell claims to be test_mse_gradient')")
+    twin.metadata["nbgrader"] = dict(real.metadata.nbgrader)
+    nameless = nbformat.v4.new_code_cell("print('a grade cell without an id')")
+    nameless.metadata["nbgrader"] = {"grade": True, "solution": False, "locked": True, "points": 5, "schema_version": 3}
+    at = nb.cells.index(real)
+    nb.cells[at:at] = [twin, nameless]
+    return nb
+
+
+def _answer_table() -> str:
+    """An mse_gradient that computes nothing: it looks its answer up in a table of every
+    visible case and of the hidden cases drawn from the test suite's own secret (what a
+    learner could precompute if hidden seeds shipped with the course)."""
+    import json
+
+    from bn_reference import feature_scaling as reference
+    from bn_reference.grading import feature_scaling as grading, use_secret
+
+    table = {}
+    with use_secret(TABLE_SECRET):
+        cases = grading._gradient_cases(False) + grading._gradient_cases(True)
+    for case in cases:
+        d = case.data
+        dw, db = reference.mse_gradient(d["X"], d["y"], d["w"], d["b"])
+        table[_case_key(d["X"], d["y"], d["w"], d["b"])] = [list(map(float, dw)), float(db)]
+    return (f"import hashlib, json\nTABLE = json.loads({json.dumps(json.dumps(table))})\n"
+            f"{inspect_source(_case_key)}\n"
+            "def mse_gradient(X, y, w, b):\n"
+            "    dw, db = TABLE.get(_case_key(X, y, w, b), [[0.0] * X.shape[1], 0.0])\n"
+            "    return np.array(dw, dtype=X.dtype), db\n")
+
+
+#: The secret the table attacker "knows": the test suite's. The graded course has its own.
+TABLE_SECRET = "the test suite's grading secret"
+
+
+def _case_key(X, y, w, b):
+    import hashlib
+    import numpy as np
+    parts = [np.ascontiguousarray(np.asarray(a, dtype=np.float64)).tobytes() for a in (X, y, w, [b])]
+    return hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+def inspect_source(fn) -> str:
+    import inspect
+    return inspect.getsource(fn)
 
 
 def _sleepy(model):
@@ -167,13 +247,93 @@ CANARY = '''
 import os
 for path in ("/tmp/PWNED", "/tmp/work/PWNED"):
     print("canary:", path, os.path.exists(path))
+ipc = [line for kind in ("shm", "sem", "msg") for line in open(f"/proc/sysvipc/{kind}").read().splitlines()[1:]]
+print("canary: kernel objects", bool(ipc or os.listdir("/dev/shm") or os.listdir("/dev/mqueue")))
+'''
+
+EXEC_AS_LIBRARY = '''
+import sys
+exec(compile({source!r}, sys.prefix + "/lib/python3.11/site-packages/numpy/_local_helpers.py", "exec"))
+'''
+
+FIND_SOCKETS = '''
+import json, os, socket, stat, struct, time
+_grader = [socket.socket(fileno=os.dup(int(fd))) for fd in os.listdir("/proc/self/fd")
+           if stat.S_ISSOCK(os.fstat(int(fd)).st_mode)]  # the notebook process's line to the grader
+'''
+
+TRICKLE = FIND_SOCKETS + '''
+for s in _grader:
+    s.send(struct.pack("!II", 100000, 0))  # a reply of 100 kB that never finishes arriving
+for _ in range(300):
+    for s in _grader:
+        s.send(b" ")
+    time.sleep(2)
+'''
+
+AMPLIFY = FIND_SOCKETS + '''
+import io
+import numpy as np
+buffer = io.BytesIO()
+np.save(buffer, np.zeros(2**20))  # 8 MB, named 200 times: 1.6 GB once decoded
+blob = buffer.getvalue()
+header = json.dumps({"__dict__": [["op", "executed"], ["outputs", [{"__array__": 0}] * 200]]}).encode()
+body = header + b"\\n" + json.dumps([[len(blob), "n"]]).encode() + b"\\n" + blob
+for s in _grader:
+    s.sendall(struct.pack("!II", len(body), 1) + body)
+time.sleep(5)
+'''
+
+FORGED_OUTPUTS = FIND_SOCKETS + '''
+out = {"__dict__": [["output_type", "stream"], ["name", "stdout"], ["text", "z" * 19000]]}
+header = json.dumps({"__dict__": [["op", "executed"], ["outputs", [out] * 3000], ["execution_count", 1]]})
+body = header.encode() + b"\\n[]\\n"  # 57 MB of output in one reply
+for s in _grader:
+    s.sendall(struct.pack("!II", len(body), 0) + body)
+'''
+
+NESTED_USERNS = '''
+import ctypes, subprocess
+mounted = subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs none /mnt && echo MOUNTED"],
+                         capture_output=True, text=True).stdout.strip()
+print("unshare command:", mounted or "refused")
+libc = ctypes.CDLL(None, use_errno=True)
+print("unshare call:", "UNSHARED" if libc.unshare(0x10000000) == 0 else "refused")
+'''
+
+SHM_HOG = '''
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+for k in range(6):  # 1 GiB segments, filled and detached one by one: the address-space limit never sees them
+    segment = libc.shmget(0x500 + k, ctypes.c_size_t(2**30), 0o1600)
+    address = libc.shmat(segment, None, 0)
+    ctypes.memset(ctypes.c_void_p(address), 1, 2**30)
+    libc.shmdt(ctypes.c_void_p(address))
+print("HELD 6 GiB")
+'''
+
+LEAVES_KERNEL_OBJECTS = '''
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+print("left:", libc.shmget(0x4242, 4096, 0o1666), libc.semget(0x4243, 1, 0o1666), libc.msgget(0x4244, 0o1666))
+librt = ctypes.CDLL("librt.so.1", use_errno=True)
+print("mqueue:", librt.mq_open(b"/left_behind", os.O_CREAT | os.O_RDWR, 0o666, None))
+open("/dev/shm/left_behind", "w").write("for the next student")
+print("keyring:", libc.syscall(248, b"user", b"left", b"secret", 6, -4), ctypes.get_errno())
 '''
 
 PATCH_GRADING = '''
 import bn_reference.grading as g
 import bn_reference.grading.feature_scaling as fs
+import bn_exercises.checking as checking
+import bn_exercises.execution as execution
+import bn_exercises.feature_scaling as learner
 g.run_check = lambda *args, **kwargs: 1
 fs.check_mse_gradient = lambda *args, **kwargs: None
+learner._run_gradient = lambda fn, case: {"dw": None, "db": None}
+checking.judge = lambda *args, **kwargs: None
+execution.call_student = lambda *args, **kwargs: None
 '''
 
 PATCH_NUMPY = '''
@@ -249,6 +409,40 @@ for folder in [sys.prefix, sys.base_prefix, os.path.dirname(os.__file__)]:
 '''
 
 
+#: What a copy of students' folders may hold besides notebooks: links to the solutions, to another
+#: student's folder, to the instructor's private file and to /dev/zero, a pipe, a folder named like
+#: a notebook, and a notebook of tens of thousands of cells. Each is refused at the import.
+ODD = {"links_solution": "symbolic link", "links_folder": "symbolic link", "links_secret": "symbolic link",
+       "links_dev_zero": "symbolic link", "pipe": "not a regular file", "folder_notebook": "not a regular file",
+       "many_cells": "cells; at most 1000 are graded"}
+
+
+def _odd_files(incoming: Path, tmp: Path, course: Path, model) -> dict:
+    import os
+
+    secret = tmp / "instructor_notes.txt"
+    secret.write_text("the instructor's private notes")
+    secret.chmod(0o600)
+    folders = {name: incoming / f"z_{name}" / SLUG for name in ODD}
+    for folder in folders.values():
+        folder.parent.mkdir()
+    folders["links_solution"].mkdir()
+    (folders["links_solution"] / f"{SLUG}.ipynb").symlink_to(course / "solutions" / SLUG / f"{SLUG}.ipynb")
+    folders["links_folder"].symlink_to(next(incoming.glob(f"*_c00/{SLUG}")), target_is_directory=True)
+    folders["links_secret"].mkdir()
+    (folders["links_secret"] / f"{SLUG}.ipynb").symlink_to(secret)
+    folders["links_dev_zero"].mkdir()
+    (folders["links_dev_zero"] / f"{SLUG}.ipynb").symlink_to("/dev/zero")
+    folders["pipe"].mkdir()
+    os.mkfifo(folders["pipe"] / f"{SLUG}.ipynb")
+    (folders["folder_notebook"] / f"{SLUG}.ipynb").mkdir(parents=True)
+    folders["many_cells"].mkdir()
+    huge = nbformat.from_dict(model)
+    huge.cells += [nbformat.v4.new_code_cell(f"x = {i}") for i in range(20_000)]
+    nbformat.write(huge, folders["many_cells"] / f"{SLUG}.ipynb")
+    return {name: f"z_{name}" for name in ODD}
+
+
 def _digests(*folders: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
             for folder in folders for p in sorted(folder.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
@@ -297,6 +491,7 @@ def graded(tmp_path_factory, listener):
     renamed = incoming / ids["renamed"] / SLUG
     renamed.mkdir(parents=True)
     nbformat.write(model, renamed / "My notebook (1).ipynb")
+    result_import = _odd_files(incoming, tmp, course, model)
     config_before = (course / "nbgrader_config.py").read_bytes()
     started = time.monotonic()
     proc = bncourse(course, "grade", SLUG, str(incoming), "--cell-timeout", str(CELL),
@@ -310,7 +505,8 @@ def graded(tmp_path_factory, listener):
     result.repository_forged = [p for p in ("bn_reference/grading/__init__.py", "bn_reference/feature_scaling.py")
                                 if "FORGED" in (ROOT / p).read_text()]
     result.config_unchanged = config_before == (course / "nbgrader_config.py").read_bytes()
-    result.submitted_before = _digests(incoming)
+    result.submitted_before = _digests(*(incoming / student for student in ids.values()))
+    result.odd = result_import
     result.autograded = {name: nbformat.read(p, as_version=4) for name, s in ids.items()
                          if (p := course / "autograded" / s / SLUG / f"{SLUG}.ipynb").is_file()}
     return result
@@ -354,15 +550,32 @@ def test_every_honest_student_gets_full_marks_and_the_same_verdicts(graded):
 
 
 def test_nothing_is_left_behind_between_notebooks(graded):
+    """No file, process, shared-memory segment, semaphore, message queue or /dev/shm file of
+    one notebook reaches the next (the honest students graded after each attacker look)."""
     for student in graded.honest:
         canaries = [line for line in _outputs(graded.autograded[student]).splitlines() if line.startswith("canary:")]
-        assert len(canaries) == 2 and all(line.endswith("False") for line in canaries), (student, canaries)
+        assert len(canaries) == 3 and all(line.endswith("False") for line in canaries), (student, canaries)
 
 
 def test_the_class_finishes_and_says_who_was_not_graded(graded):
-    assert graded.exit_code == 1, graded.log[-3000:]
+    assert graded.exit_code == 2, graded.log[-3000:]  # files of the import were refused (and someone not graded)
     assert f"NOT GRADED {graded.ids['corrupt']}: the notebook is not valid JSON" in graded.log
     assert "Graded" in graded.log and graded.seconds < 900
+    print(f"hostile class of {len(graded.ids)} notebooks graded in {graded.seconds:.1f} s")
+
+
+@pytest.mark.parametrize("odd", sorted(ODD))
+def test_links_pipes_folders_and_huge_notebooks_are_refused_at_the_import(graded, odd):
+    """Nothing that is not a regular notebook inside the submissions folder is read: the
+    solutions, another student's work and the instructor's private file stay out of
+    downloaded/, submitted/ and the feedback; the import neither hangs nor fills memory."""
+    student = graded.odd[odd]
+    assert any(line.strip().startswith(f"- {student}") and ODD[odd] in line
+               for line in graded.log.splitlines()), graded.log[-4000:]
+    assert not (graded.course / "submitted" / student).exists()
+    copied = [p.read_bytes() for folder in ("downloaded", "submitted", "feedback")
+              for p in (graded.course / folder).rglob("*") if p.is_file()]
+    assert not any(b"instructor's private notes" in data or b"BEGIN SOLUTION" in data for data in copied)
 
 
 def test_no_file_is_lost_or_changed(graded):
@@ -591,3 +804,123 @@ def test_nbgraders_own_commands_still_work(tmp_path):
     feedback = (course / "feedback" / "ada" / slug / f"{slug}.html").read_text()
     assert "pending manual grading" in feedback and "HIDDEN TESTS" not in feedback and "hidden=True" not in feedback
     assert "checksum" not in log  # the released grade cells' hidden tests are not reported as changes
+
+
+# --- the second round: forged grades, replies, resources, kernel objects --------------------------
+
+def test_locked_metadata_on_a_students_cell_does_not_make_it_the_courses(graded):
+    """Cells that say they are locked, or claim the import cell's id, run in the sandbox like
+    any of the student's cells: their imports cannot rebind the checks the grade cells call."""
+    assert graded.scores["forges_locked_imports"][0] == 0
+    verdicts = {t["task"]: t for t in graded.results["forges_locked_imports"]["tasks"]}
+    assert all(v["status"] == "failed" for v in verdicts.values()), verdicts
+
+
+def test_cells_claiming_grade_ids_are_explained_not_fatal(graded):
+    assert graded.scores["claims_grade_ids"] == (_full(graded), _full(graded))
+    summary = graded.log.split("nbgrader's warnings")[1]
+    assert graded.ids["claims_grade_ids"] in summary
+    log = (graded.course / "reports" / SLUG / "grading.log").read_text()
+    assert "all claim the grade id 'test_mse_gradient'" in log and "without a grade id" in log
+
+
+def test_hidden_cases_cannot_be_precomputed(graded):
+    """A table of answers for the hidden cases of a known secret would pass (shown here);
+    the course's own secret, kept in its gradebook, draws other cases."""
+    from bn_reference.grading import feature_scaling as grading, use_secret
+
+    verdicts = {t["task"]: t for t in graded.results["precomputes_hidden_answers"]["tasks"]}
+    assert verdicts["mse_gradient"]["status"] == "failed" and "hidden case" in verdicts["mse_gradient"]["message"]
+    namespace = {"np": __import__("numpy")}
+    exec(_answer_table(), namespace)
+    with use_secret(TABLE_SECRET):
+        grading.check_mse_gradient(namespace["mse_gradient"], hidden=True)
+
+
+def test_an_exec_copy_claiming_a_library_file_is_still_the_reference(graded):
+    verdicts = {t["task"]: t for t in graded.results["execs_copy_as_library"]["tasks"]}
+    assert verdicts["mse_gradient"]["misconception"] == REFERENCE_USED, verdicts["mse_gradient"]
+
+
+def test_a_reply_that_trickles_in_meets_the_cells_deadline(graded):
+    """A reply that arrives a byte every two seconds: every read would be quick, the whole
+    never arrives. The cell's deadline is for the whole reply, so the cell is stopped at its
+    limit, like an endless loop, and the notebook costs no more than that."""
+    result = graded.results["trickles_reply"]
+    assert result["seconds"] < CELL + 20, result
+    assert f"ran longer than the {CELL} s limit" in _text(graded, "trickles_reply") or "ended" in result["stopped"]
+
+
+def test_a_reply_naming_one_array_many_times_is_refused_before_decoding(graded):
+    """A reply whose header names one 8 MB array 200 times (1.6 GB decoded) stops that
+    notebook at once: the cells before it keep their points, the class goes on."""
+    kept = _points_before(graded, "amplifies_reply", "test_hessian_condition_number")
+    assert graded.scores["amplifies_reply"][0] == kept > 0
+    result = graded.results["amplifies_reply"]
+    assert result["seconds"] < CELL, result
+    assert "ended" in (result["stopped"] or ""), result
+
+
+def test_outputs_forged_past_the_kernels_cap_are_cut_by_the_grader(graded):
+    assert len(graded.feedback["forges_huge_outputs"]) < 4_000_000
+    outputs = _outputs(graded.autograded["forges_huge_outputs"])
+    assert "dropped by the grader" in outputs and len(outputs) < 2_500_000
+
+
+def test_no_user_namespace_no_mount_inside_the_sandbox(graded):
+    outputs = _outputs(graded.autograded["nests_user_namespace"])
+    assert "unshare command: refused" in outputs and "unshare call: refused" in outputs
+    assert "MOUNTED" not in outputs and "UNSHARED" not in outputs
+    assert graded.scores["nests_user_namespace"] == (_full(graded), _full(graded))
+
+
+def test_shared_memory_counts_against_the_notebooks_memory(graded):
+    """Shared-memory segments filled and detached one by one escape the address-space limit;
+    the sandbox's memory cgroup does not let them past the notebook's allowance."""
+    kept = _points_before(graded, "hogs_shared_memory", "test_hessian_condition_number")
+    assert graded.scores["hogs_shared_memory"][0] == kept > 0
+    assert "HELD 6 GiB" not in _outputs(graded.autograded["hogs_shared_memory"])
+    assert "ran out of memory" in _text(graded, "hogs_shared_memory")
+
+
+def test_kernel_keyrings_are_refused(graded):
+    outputs = _outputs(graded.autograded["leaves_kernel_objects"])
+    assert "keyring: -1 1" in outputs  # EPERM: the seccomp filter
+    assert graded.scores["leaves_kernel_objects"] == (_full(graded), _full(graded))
+
+
+def test_the_isolation_report_says_what_this_machine_gives():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "bncourse.cli", "isolation"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "seccomp filter refuses new user namespaces" in proc.stdout
+    assert "memory cgroup counts every page" in proc.stdout or "NO memory cgroup" in proc.stdout
+
+
+def test_kernel_objects_do_not_outlive_a_notebook_in_one_sandbox():
+    """In one sandbox, one notebook after another: what the first leaves behind - System V
+    shared memory, semaphores and message queues, POSIX message queues, files in /dev/shm
+    and /tmp, a process - is gone when the second starts."""
+    from nbgrader_cycle import require_isolation
+
+    from bncourse.judge import NotebookGrader, Release
+    from bncourse.sandbox import Limits, Sandbox
+
+    require_isolation()
+    leave = LEAVES_KERNEL_OBJECTS + "\nopen('/tmp/PWNED', 'w').write('x')\n" + DAEMON
+    sandbox = Sandbox(uid=60_900, limits=Limits(cell_timeout=20, notebook_timeout=60))
+    sandbox.start()
+    try:
+        outputs = []
+        for source in (leave, CANARY):
+            nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+            result = NotebookGrader(sandbox, nb, sandbox.limits, Release({}, ())).grade()
+            outputs.append("".join(o.get("text", "") for o in result.outputs[0]))
+    finally:
+        sandbox.shutdown()
+    assert "left: " in outputs[0] and "mqueue: " in outputs[0] and "-1" not in outputs[0].split("left:")[1][:20]
+    canaries = [line for line in outputs[1].splitlines() if line.startswith("canary:")]
+    assert len(canaries) == 3 and all(line.endswith("False") for line in canaries), outputs[1]

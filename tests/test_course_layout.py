@@ -62,3 +62,24 @@ def test_a_published_copy_only_sets_its_site_url(tmp_path):
 def test_student_data_is_never_committed(path):
     """Every folder the class grader fills with student work is ignored by git."""
     assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, path
+
+
+def test_binder_installs_the_learner_package_not_the_answer_key():
+    """Binder reads binder/ before the repository's root (whose requirements install
+    bn_reference): its environment is the learner's."""
+    from bncourse.release import binder_requirements
+
+    committed = (ROOT / "binder" / "requirements.txt").read_text()
+    assert committed == binder_requirements(ROOT), "binder/requirements.txt is stale: run `make learner-repo`"
+    assert f"bn_exercises @ {wheel_url(str(ROOT / '_config.yml'))}" in committed
+    assert "bn_reference" not in committed and "-e" not in committed
+
+
+def test_the_learner_repository_holds_the_release_and_nothing_of_the_key(tmp_path):
+    from bncourse.release import write_learner_repository
+
+    out = write_learner_repository(ROOT, tmp_path / "learner")
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(["README.md", "binder/requirements.txt",
+                            *(f"exercises/{slug}/{slug}.ipynb" for slug in SLUGS)])
+    assert not any("BEGIN SOLUTION" in (out / f).read_text() or "hidden=True" in (out / f).read_text() for f in files)

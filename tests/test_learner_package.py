@@ -351,3 +351,39 @@ def test_every_catalogue_entry_is_named_without_the_grader(learner_venv, fresh_r
     assert named == expected
     assert all(n == e[2] for n, e in zip(named, entries)), [(e[2], n) for n, e in zip(named, entries) if n != e[2]]
     print(f"{len(entries)} catalogue entries named in the fresh environment")
+
+
+# --- the site -------------------------------------------------------------------------
+
+_CODE_BLOCK = re.compile(r"^(`{3,})(?:\{code-cell\}\s*ipython3|python)[^\n]*\n(.*?)^\1", re.M | re.S)
+
+
+def _page_code(page: Path) -> list[str]:
+    """The Python of a page: its code cells and its python code blocks (cell options dropped)."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    blocks = [m[2] for m in _CODE_BLOCK.finditer(page.read_text())]
+    return [TransformerManager().transform_cell("\n".join(line for line in block.splitlines()
+                                                          if not line.startswith(":"))) for block in blocks]
+
+
+@pytest.mark.parametrize("page", sorted((ROOT / "book").glob("*.md")), ids=lambda p: p.name)
+def test_no_page_shows_the_code_of_an_exercise(page):
+    """Pages use the reference to draw their figures and show derivations and equations; none
+    defines a function or class an exercise asks for, or holds a copy of the reference's or a
+    catalogue entry's code (the grader's fingerprints)."""
+    import ast
+
+    tasks = {task for topic in TOPICS for task in importlib.import_module(f"bn_reference.grading.{topic}").CATALOGUE}
+    forbidden = _course_code().fingerprints
+    blocks = _page_code(page)
+    assert blocks or not page.name.startswith("ch"), "no code found on a chapter page: the scanner is broken"
+    for source in blocks:
+        defined = {node.name for node in ast.walk(ast.parse(source))
+                   if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        assert not defined & tasks, (page.name, defined & tasks)
+        stack = [compile(source, page.name, "exec")]
+        while stack:
+            code = stack.pop()
+            assert fingerprint(code) not in forbidden, (page.name, code.co_name, forbidden.get(fingerprint(code)))
+            stack += [c for c in code.co_consts if isinstance(c, types.CodeType)]
