@@ -24,13 +24,45 @@ __all__ = [
     "check_gradient_descent",
     "check_steps_to_tolerance",
     "check_hessian_condition_number",
+    "check_scaling_experiment",
+    "wine_split",
+    "SCALINGS",
+    "FITS",
 ]
 
 #: The misconception of a scaler that hands the work to scikit-learn's.
 LIBRARY_SCALER = "scikit-learn's scaler used instead of your own code"
 
+#: The misconception of an experiment whose result is not the dict the task asks for.
+EXPERIMENT_RESULT = "the experiment's result is not the dict of numbers the task asks for"
+
 #: Case data that are functions (none in this chapter): see bn_exercises.codec.resolver.
 CASE_HELPERS: dict = {}
+
+#: The three versions of the training features the experiment compares (its result's keys).
+SCALINGS = ("raw", "min-max", "standardized")
+#: The two ways of fitting the min-max scaler whose effect on the test set the experiment shows.
+FITS = ("fit on train", "fit on all")
+
+
+def wine_split(seed: int, test_size: float = 0.3):
+    """scikit-learn's wine data (178 wines, 13 chemical measurements, shipped inside the
+    library: nothing is downloaded) as a regression: predict the alcohol content (% by
+    volume, the first measurement) from the 12 others, whose units and sizes differ
+    widely (proline in mg/l, around 750; hue around 1). The wines are split at random
+    with ``seed``: ``round(test_size * 178)`` go to the test set.
+
+    Returns ``X_train`` (n_train, 12), ``y_train`` (n_train,), ``X_test`` (n_test, 12),
+    ``y_test`` (n_test,), all float64.
+    """
+    from sklearn.datasets import load_wine
+
+    data = load_wine().data
+    order = np.random.default_rng(seed).permutation(len(data))
+    n_test = int(round(test_size * len(data)))
+    test, train = order[:n_test], order[n_test:]
+    X, y = data[:, 1:], data[:, 0]
+    return X[train], y[train], X[test], y[test]
 
 
 @contextlib.contextmanager
@@ -39,8 +71,9 @@ def _refusing_library_scalers():
     is to write them (subclassing, wrapping or calling them inside fit is caught too)."""
     from sklearn import preprocessing
 
-    message = (f"the scaler calls scikit-learn's {{}} - {LIBRARY_SCALER}. The exercise is to write min-max "
-               f"scaling and standardization with NumPy: compute the statistics in fit, apply them in transform.")
+    message = (f"your code calls scikit-learn's {{}} - {LIBRARY_SCALER}. The exercise is to write min-max "
+               f"scaling and standardization with NumPy (compute the statistics in fit, apply them in transform) "
+               f"and to use those scalers of yours in the experiment.")
 
     def refuse(name):
         def refused(*args, **kwargs):
@@ -110,6 +143,50 @@ def _run_condition(fn, case):
     return float(fn(case.data["X"]))
 
 
+def _numbers(result, key: str, names: tuple[str, ...]) -> dict[str, float]:
+    """``result[key][name]`` for each name, as floats; a CheckFailed that says what is
+    missing when the result does not have that shape."""
+    shape = ("{" + ", ".join(f"{k!r}: {{{', '.join(repr(n) for n in ns)}}}" for k, ns in
+             [("kappa", SCALINGS), ("steps", SCALINGS), ("outside [0, 1]", FITS)]) + "}")
+    try:
+        part = result[key]
+        return {name: float(np.asarray(part[name], dtype=np.float64).reshape(())) for name in names}
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise CheckFailed(f"scaling_experiment must return a dict of numbers shaped {shape}; reading "
+                          f"result[{key!r}] failed ({type(exc).__name__}: {exc}). Keep the return line of the "
+                          f"notebook's template.", EXPERIMENT_RESULT) from None
+
+
+def _claims(kappa: dict, steps: dict, outside: dict, max_steps: int) -> dict[str, str]:
+    """The chapter's phenomenon on one split, as statements with margins that every
+    correct experiment meets on the course's cases (the tests prove it on many splits):
+    each ``"holds"`` or ``"does not hold"`` (words, so that a failure reads as one)."""
+    claims = {
+        "standardizing lowers kappa(H) at least 10^5-fold": kappa["raw"] >= 1e5 * kappa["standardized"],
+        "min-max scaling lowers kappa(H) at least 10^4-fold": kappa["raw"] >= 1e4 * kappa["min-max"],
+        "kappa(H) after standardizing is at most a third of min-max's": 3 * kappa["standardized"] <= kappa["min-max"],
+        "raw features: GD does not reach tol within max_steps": steps["raw"] >= max_steps,
+        "min-max: GD reaches tol within max_steps": steps["min-max"] < max_steps,
+        "standardized: GD needs at most a fifth of min-max's steps": 5 * steps["standardized"] <= steps["min-max"],
+        "min-max fitted on the training split: a test value lies outside [0, 1] (by more than 1e-4)":
+            outside["fit on train"] > 1e-4,
+        "min-max fitted on all the data: no test value lies outside [0, 1] (by more than 1e-9)":
+            outside["fit on all"] <= 1e-9,
+    }
+    return {claim: "holds" if bool(true) else "does not hold" for claim, true in claims.items()}
+
+
+def _run_experiment(fn, case):
+    """The learner's experiment on one split: its numbers, and the phenomenon they show."""
+    d = case.data
+    with _refusing_library_scalers():
+        result = fn(d["X_train"], d["y_train"], d["X_test"], d["tol"], d["max_steps"])
+    kappa, steps = _numbers(result, "kappa", SCALINGS), _numbers(result, "steps", SCALINGS)
+    outside = _numbers(result, "outside [0, 1]", FITS)
+    return {"kappa": kappa, "steps": steps, "outside [0, 1]": outside,
+            "claims": _claims(kappa, steps, outside, d["max_steps"])}
+
+
 def check_min_max_scaler(MinMaxScaler, hidden=False):
     """Check a MinMaxScaler class (fit / transform / inverse_transform, feature_range)."""
     __tracebackhide__ = True
@@ -145,3 +222,10 @@ def check_hessian_condition_number(hessian_condition_number, hidden=False):
     __tracebackhide__ = True
     recorded_check(check_hessian_condition_number, "hessian_condition_number", hessian_condition_number,
                    _run_condition, hidden)
+
+
+def check_scaling_experiment(scaling_experiment, hidden=False):
+    """Check scaling_experiment(X_train, y_train, X_test, tol, max_steps) -> dict: its numbers
+    on wine splits, and that they show what scaling and leakage do."""
+    __tracebackhide__ = True
+    recorded_check(check_scaling_experiment, "scaling_experiment", scaling_experiment, _run_experiment, hidden)

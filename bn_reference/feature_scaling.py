@@ -10,11 +10,18 @@ The regression helpers study gradient descent (GD) on the mean squared error
     L(w, b) = mean((X @ w + b - y) ** 2),   X: (n, d), y: (n,), w: (d,), b: scalar,
 
 whose Hessian with respect to (w, b) is H = (2 / n) A^T A with A = [X, 1].
+
+``scaling_experiment`` is the exercise's graded experiment: the scalers' effect on
+the condition number and on the GD step count on a real data set (scikit-learn's
+wine data, split by the learner package's ``wine_split``), and what fitting a
+scaler on all the data does to the test set.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from bn_exercises.feature_scaling import FITS, SCALINGS, wine_split
 
 __all__ = [
     "MinMaxScaler",
@@ -27,6 +34,9 @@ __all__ = [
     "steps_to_tolerance",
     "hessian",
     "hessian_condition_number",
+    "outside_unit_interval",
+    "scaling_experiment",
+    "wine_split",
 ]
 
 
@@ -221,3 +231,35 @@ def hessian_condition_number(X) -> float:
     """kappa(H) = lambda_max / lambda_min of the Hessian above (inf if singular)."""
     eig = np.linalg.eigvalsh(hessian(X))
     return float(eig[-1] / eig[0]) if eig[0] > 0 else float("inf")
+
+
+def outside_unit_interval(T) -> float:
+    """How far the furthest value of ``T`` lies outside [0, 1] (0 if none does)."""
+    T = np.asarray(T, dtype=np.float64)
+    return float(max(0.0, -T.min(), T.max() - 1.0))
+
+
+def scaling_experiment(X_train, y_train, X_test, tol: float, max_steps: int) -> dict:
+    """The exercise's experiment on one train/test split (X_train (n, d), y_train (n,),
+    X_test (m, d)).
+
+    For the raw, the min-max scaled and the standardized training features (scalers
+    fitted on X_train): kappa(H) of the MSE's Hessian, and the GD steps to within
+    ``tol`` of the optimum (``steps_to_tolerance``, capped at ``max_steps``) with the
+    step size 1 / lambda_max(H) of *that* problem's Hessian. Then leakage: how far the
+    min-max scaled test set reaches outside [0, 1] when the scaler is fitted on the
+    training split, and when it is fitted on training and test data together.
+
+    Returns ``{"kappa": {scaling: float}, "steps": {scaling: int},
+    "outside [0, 1]": {fit: float}}`` with scalings ``SCALINGS`` and fits ``FITS``.
+    """
+    problems = dict(zip(SCALINGS, (np.asarray(X_train, dtype=np.float64), MinMaxScaler().fit_transform(X_train),
+                                   StandardScaler().fit_transform(X_train))))
+    kappa, steps = {}, {}
+    for name, Z in problems.items():
+        kappa[name] = hessian_condition_number(Z)
+        lr = 1.0 / np.linalg.eigvalsh(hessian(Z))[-1]
+        steps[name] = steps_to_tolerance(Z, y_train, lr, tol, max_steps)
+    scalers = (MinMaxScaler().fit(X_train), MinMaxScaler().fit(np.vstack([X_train, X_test])))
+    outside = {fit: outside_unit_interval(scaler.transform(X_test)) for fit, scaler in zip(FITS, scalers)}
+    return {"kappa": kappa, "steps": steps, "outside [0, 1]": outside}

@@ -1,21 +1,25 @@
 """Chapter 1 - feature scaling: the reference against its oracles
 (scikit-learn, PyTorch autograd and optimizers, numerical differentiation),
-and the grading checks against the misconception catalogue."""
+the graded experiment's margins, and the grading checks against the
+misconception catalogue."""
 
 import re
+from pathlib import Path
 
+import nbformat
 import numpy as np
 import pytest
 import scipy.optimize
 import sklearn.linear_model
 import sklearn.preprocessing
 import torch
+from sklearn.datasets import load_wine
 
 import alt_ch1_feature_scaling as alt
 import bn_exercises.feature_scaling as learner
 from chapter_suite import CatalogueSuite, CycleSuite
 from bn_reference import feature_scaling as ref
-from bn_reference.grading import INPUT_CHANGED, REFERENCE_USED, CheckFailed
+from bn_reference.grading import INPUT_CHANGED, REFERENCE_USED, Case, CheckFailed
 from bn_reference.grading import feature_scaling as grading
 
 SHAPES = [(50, 3), (2, 1), (7, 5), (300, 10)]
@@ -145,6 +149,153 @@ def test_hessian_matches_autograd_and_cond(n, d):
     np.testing.assert_allclose(ref.hessian_condition_number(X), np.linalg.cond(H.numpy()), rtol=1e-8)
 
 
+def test_wine_split_is_a_seeded_partition_of_the_wine_data():
+    data = load_wine().data
+    X_train, y_train, X_test, y_test = ref.wine_split(7, test_size=0.25)
+    assert X_train.shape == (134, 12) and X_test.shape == (44, 12) and y_train.shape == (134,)
+    rows = np.vstack([np.column_stack([y_train, X_train]), np.column_stack([y_test, X_test])])
+    np.testing.assert_array_equal(np.sort(rows, axis=0), np.sort(data, axis=0))  # every wine once, alcohol first
+    np.testing.assert_array_equal(ref.wine_split(7, test_size=0.25)[2], X_test)
+    assert not np.array_equal(ref.wine_split(8, test_size=0.25)[2], X_test)
+
+
+def _torch_steps(Z, y, lr, tol, max_steps):
+    """Steps to tol by torch.optim.SGD on nn.Linear, against scikit-learn's least-squares optimum."""
+    best = np.mean((sklearn.linear_model.LinearRegression().fit(Z, y).predict(Z) - y) ** 2)
+    model = torch.nn.Linear(Z.shape[1], 1, dtype=torch.float64)
+    torch.nn.init.zeros_(model.weight), torch.nn.init.zeros_(model.bias)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    Zt, yt = torch.tensor(Z), torch.tensor(y)
+    for k in range(max_steps + 1):
+        loss = torch.nn.functional.mse_loss(model(Zt)[:, 0], yt)
+        if loss.item() - best <= tol:
+            return k
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return max_steps
+
+
+def test_scaling_experiment_matches_scikit_learn_and_torch():
+    """Every number of the reference experiment from the oracles: scikit-learn's scalers and
+    least squares, autograd's Hessian, torch's SGD."""
+    X_train, y_train, X_test, _ = ref.wine_split(3)
+    tol, max_steps = 1e-2, 1500
+    result = ref.scaling_experiment(X_train, y_train, X_test, tol, max_steps)
+    versions = {"raw": X_train, "min-max": sklearn.preprocessing.MinMaxScaler().fit_transform(X_train),
+                "standardized": sklearn.preprocessing.StandardScaler().fit_transform(X_train)}
+    for name, Z in versions.items():
+        Zt, yt = torch.tensor(Z), torch.tensor(y_train)
+        H = torch.autograd.functional.hessian(lambda t: ((Zt @ t[:-1] + t[-1] - yt) ** 2).mean(),
+                                              torch.zeros(Z.shape[1] + 1, dtype=torch.float64)).numpy()
+        eig = np.linalg.eigvalsh(H)
+        np.testing.assert_allclose(result["kappa"][name], eig[-1] / eig[0], rtol=1e-6)
+        assert result["steps"][name] == _torch_steps(Z, y_train, 1 / eig[-1], tol, max_steps)
+    for fit, data in zip(["fit on train", "fit on all"], [X_train, np.vstack([X_train, X_test])]):
+        T = sklearn.preprocessing.MinMaxScaler().fit(data).transform(X_test)
+        np.testing.assert_allclose(result["outside [0, 1]"][fit], np.clip(np.abs(T - 0.5) - 0.5, 0, None).max(),
+                                   atol=1e-12)
+    assert result["steps"]["raw"] == max_steps and result["steps"]["standardized"] < result["steps"]["min-max"]
+
+
+#: The case settings of the experiment's check (test size, tol, max_steps), visible and hidden.
+EXPERIMENT_SETTINGS = [(0.3, 1e-3, 5000), (0.2, 1e-4, 4000), (0.25, 3e-4, 5000)]
+
+
+def _slack(result, max_steps) -> dict:
+    """How far each claim of the check is from failing (a ratio to its threshold; > 1 holds)."""
+    k, s, o = result["kappa"], result["steps"], result["outside [0, 1]"]
+    return {"kappa raw / standardized over 10^5": k["raw"] / k["standardized"] / 1e5,
+            "kappa raw / min-max over 10^4": k["raw"] / k["min-max"] / 1e4,
+            "kappa min-max / standardized over 3": k["min-max"] / k["standardized"] / 3,
+            "raw steps / max_steps (= 1: capped)": s["raw"] / max_steps,
+            "max_steps / min-max steps": max_steps / s["min-max"],
+            "steps min-max / standardized over 5": s["min-max"] / s["standardized"] / 5,
+            "outside, fit on train, over 1e-4": o["fit on train"] / 1e-4}
+
+
+@pytest.mark.parametrize("impl", ["reference", "second implementation"])
+def test_the_experiments_margins_hold_on_many_splits(impl):
+    """The claims the check asserts hold for two independent correct experiments on 5
+    splits for each case setting; prints the smallest slack of each claim."""
+    experiment = ref.scaling_experiment if impl == "reference" else alt.scaling_experiment
+    smallest = {}
+    for test_size, tol, max_steps in EXPERIMENT_SETTINGS:
+        for seed in range(100, 105):
+            X_train, y_train, X_test, _ = ref.wine_split(seed, test_size)
+            result = experiment(X_train, y_train, X_test, tol, max_steps)
+            claims = learner._run_experiment(lambda *args: result, Case("", {
+                "X_train": X_train, "y_train": y_train, "X_test": X_test, "tol": tol, "max_steps": max_steps}))["claims"]
+            assert set(claims.values()) == {"holds"}, (seed, test_size, claims)
+            assert result["outside [0, 1]"]["fit on all"] <= 1e-12
+            for claim, value in _slack(result, max_steps).items():
+                smallest[claim] = min(smallest.get(claim, np.inf), value)
+    print({claim: round(value, 2) for claim, value in smallest.items()})
+    assert min(smallest.values()) >= 1
+
+
+def test_a_step_size_at_the_stability_limit_gets_the_name_that_covers_it():
+    """2 / lambda_max leaves the scaled problems short of tol exactly as a step size that was
+    not re-derived does: the one entry names both causes."""
+    def at_the_limit(X_train, y_train, X_test, tol, max_steps):
+        result = alt.scaling_experiment(X_train, y_train, X_test, tol, max_steps)
+        for name, Z in [("min-max", alt.MinMaxScaler().fit_transform(X_train)),
+                        ("standardized", alt.StandardScaler().fit_transform(X_train))]:
+            A = np.hstack([Z, np.ones((len(Z), 1))])
+            lr = 2 / np.linalg.eigvalsh(2 * A.T @ A / len(Z))[-1]
+            result["steps"][name] = alt.steps_to_tolerance(Z, y_train, lr, tol, max_steps)
+        return result
+
+    entry = next(m for m in grading.SCALING_EXPERIMENT_CATALOGUE if "stability limit" in m.name)
+    for check in (grading.check_scaling_experiment, learner.check_scaling_experiment):
+        with pytest.raises(CheckFailed) as failure:
+            check(at_the_limit)
+        assert failure.value.misconception == entry.name
+
+
+def test_an_experiment_with_the_wrong_result_says_what_to_return():
+    def no_outside(X_train, y_train, X_test, tol, max_steps):
+        result = alt.scaling_experiment(X_train, y_train, X_test, tol, max_steps)
+        del result["outside [0, 1]"]
+        return result
+    for check in (grading.check_scaling_experiment, learner.check_scaling_experiment):
+        with pytest.raises(CheckFailed, match=r"must return a dict of numbers shaped .*'fit on train'") as failure:
+            check(no_outside)
+        assert failure.value.misconception == learner.EXPERIMENT_RESULT
+
+
+def test_the_experiment_must_use_the_learners_own_scalers():
+    def with_sklearn(X_train, y_train, X_test, tol, max_steps):
+        Z = sklearn.preprocessing.StandardScaler().fit_transform(X_train)
+        return alt.scaling_experiment(Z, y_train, X_test, tol, max_steps)
+    with pytest.raises(CheckFailed) as failure:
+        learner.check_scaling_experiment(with_sklearn)
+    assert failure.value.misconception == learner.LIBRARY_SCALER and "in the experiment" in str(failure.value)
+
+
+def test_the_model_answer_quotes_the_numbers_the_notebook_prints():
+    """The written question's model answer quotes the experiment on wine_split(seed=0)."""
+    nb = nbformat.read(Path(__file__).resolve().parents[1] / "solutions" / "ch1_feature_scaling" /
+                       "ch1_feature_scaling.ipynb", as_version=4)
+    answer = next(c.source for c in nb.cells if c.metadata["nbgrader"]["grade_id"] == "written_experiment")
+    run = next(c.source for c in nb.cells if c.metadata["nbgrader"]["grade_id"] == "run_experiment")
+    assert "wine_split(seed=0)" in run and "tol, max_steps = 1e-3, 5000" in run
+    X_train, y_train, X_test, _ = ref.wine_split(0)
+    r = ref.scaling_experiment(X_train, y_train, X_test, 1e-3, 5000)
+    M = ref.MinMaxScaler().fit_transform(X_train)
+    mantissa, exponent = f"{r['kappa']['raw']:.4g}".split("e+")
+    quoted = [f"{mantissa} \\times 10^{int(exponent)}", f"{r['kappa']['standardized']:.4g}",
+              f"takes {r['steps']['standardized']} steps", f"{r['kappa']['min-max']:.4g}",
+              f"{r['steps']['min-max']} steps", f"{r['kappa']['min-max'] / r['kappa']['standardized']:.0f} times",
+              f"{r['steps']['min-max'] / r['steps']['standardized']:.0f} times its",
+              f"between {M.mean(0).min():.2f} and {M.mean(0).max():.2f}",
+              f"{M.std(0).min():.2f} to {M.std(0).max():.2f}",
+              f"{r['outside [0, 1]']['fit on train']:.3f} outside", f"({r['outside [0, 1]']['fit on all']:.3f})"]
+    assert r["steps"]["raw"] == 5000 and "does not get within tol in\n5000 steps" in answer
+    missing = [q for q in quoted if q not in answer]
+    assert not missing, missing
+
+
 def test_scaling_lowers_the_condition_number():
     X, *_ = _problem(5, 200, 4)
     assert ref.hessian_condition_number(ref.StandardScaler().fit_transform(X)) < ref.hessian_condition_number(X) / 10
@@ -160,6 +311,7 @@ class TestGrading(CatalogueSuite):
         "gradient_descent": grading.check_gradient_descent,
         "steps_to_tolerance": grading.check_steps_to_tolerance,
         "hessian_condition_number": grading.check_hessian_condition_number,
+        "scaling_experiment": grading.check_scaling_experiment,
     }
     catalogue = grading.CATALOGUE
     alt = alt
@@ -253,8 +405,8 @@ def test_hidden_cases_keep_their_labels_hidden():
 
 class TestNbgraderCycle(CycleSuite):
     slug = "ch1_feature_scaling"
-    full_score = 10
-    stubs = 6
+    full_score = 12
+    stubs = 7
     buggy = {  # student -> patches of the model answers, and the misconception the grader must name
         "ddof": ([("std = X.std(axis=0)", "std = X.std(axis=0, ddof=1)")],
                  "sample standard deviation (ddof=1) instead of the population one"),
@@ -263,4 +415,8 @@ class TestNbgraderCycle(CycleSuite):
                      "transform ignores feature_range (inverse_transform uses it)"),
         "no_two": ([("return 2 / n * X.T @ r, 2 / n * r.sum()", "return 1 / n * X.T @ r, 1 / n * r.sum()")],
                    "the factor 2 is missing"),
+        "test_refit": ([("T = MinMaxScaler().fit(data).transform(X_test)",
+                         "T = MinMaxScaler().fit_transform(X_test) if fit == 'fit on train' "
+                         "else MinMaxScaler().fit(data).transform(X_test)")],
+                       "the test set is scaled with statistics of its own (fit_transform on X_test)"),
     }

@@ -16,10 +16,11 @@ from functools import partial
 
 import numpy as np
 
-from bn_exercises.feature_scaling import _run_condition, _run_gd, _run_gradient, _run_scaler, _run_steps
+from bn_exercises.feature_scaling import (FITS, SCALINGS, _run_condition, _run_experiment, _run_gd, _run_gradient,
+                                         _run_scaler, _run_steps, wine_split)
 
 from .. import feature_scaling as ref
-from . import Case, Misconception, case_rng, report_pass, run_check
+from . import Case, Misconception, case_rng, combined, report_pass, run_check
 
 __all__ = [
     "check_min_max_scaler",
@@ -28,6 +29,7 @@ __all__ = [
     "check_gradient_descent",
     "check_steps_to_tolerance",
     "check_hessian_condition_number",
+    "check_scaling_experiment",
     "CATALOGUE",
 ]
 
@@ -280,6 +282,88 @@ HESSIAN_CATALOGUE = [
         partial(_condition, inverted=True)),
 ]
 
+def _experiment(X_train, y_train, X_test, tol, max_steps, bugs=()):
+    """The experiment with switchable mistakes (``bugs``, a tuple of the names below);
+    without any it computes what ``ref.scaling_experiment`` does.
+
+    - ``"fit_all"``: the scalers of the kappa and step-count problems fitted on train + test;
+    - ``"test_refit"``: the "fit on train" min-max scaler refitted on the test set (fit_transform);
+    - ``"raw_lr"`` / ``"standardized_lr"``: one step size, that problem's, for every problem;
+    - ``"lr_without_2_over_n"``: step size 1 / lambda_max(A^T A), the Hessian without its 2/n;
+    - ``"data_kappa"``: kappa = np.linalg.cond(Z), the data matrix's, not the Hessian's;
+    - ``"scaled_targets"``: y standardized too on the standardized problem.
+    """
+    everything = np.vstack([X_train, X_test])
+    fit_data = everything if "fit_all" in bugs else X_train
+    problems = dict(zip(SCALINGS, (np.asarray(X_train, dtype=np.float64),
+                                   ref.MinMaxScaler().fit(fit_data).transform(X_train),
+                                   ref.StandardScaler().fit(fit_data).transform(X_train))))
+
+    def curvature(Z):
+        return np.linalg.eigvalsh(ref.hessian(Z))[-1]
+
+    shared = {"raw_lr": "raw", "standardized_lr": "standardized"}
+    kappa, steps = {}, {}
+    for name, Z in problems.items():
+        kappa[name] = float(np.linalg.cond(Z)) if "data_kappa" in bugs else ref.hessian_condition_number(Z)
+        lr = 1.0 / curvature(next((problems[shared[b]] for b in bugs if b in shared), Z))
+        if "lr_without_2_over_n" in bugs:
+            lr = 2.0 / (len(Z) * curvature(Z))  # lambda_max(A^T A) = n/2 lambda_max(H)
+        y = y_train
+        if "scaled_targets" in bugs and name == "standardized":
+            y = (y_train - y_train.mean()) / y_train.std()
+        steps[name] = ref.steps_to_tolerance(Z, y, lr, tol, max_steps)
+    fair = ref.MinMaxScaler().fit(X_test if "test_refit" in bugs else X_train)
+    scalers = (fair, ref.MinMaxScaler().fit(everything))
+    outside = {fit: ref.outside_unit_interval(scaler.transform(X_test)) for fit, scaler in zip(FITS, scalers)}
+    return {"kappa": kappa, "steps": steps, "outside [0, 1]": outside}
+
+
+_FIT_ALL = Misconception(
+    "the scalers are fitted on the training and test data together",
+    "fit every scaler on X_train only (scaler.fit(X_train)), then transform; np.vstack([X_train, X_test]) "
+    "belongs only in the 'fit on all' scaler that shows the leak.",
+    partial(_experiment, bugs=("fit_all",)))
+_TEST_REFIT = Misconception(
+    "the test set is scaled with statistics of its own (fit_transform on X_test)",
+    "the 'fit on train' scaler is fitted on X_train and only transforms X_test: "
+    "MinMaxScaler().fit(X_train).transform(X_test), never fit_transform(X_test).",
+    partial(_experiment, bugs=("test_refit",)))
+_RAW_LR = Misconception(  # both mistakes leave the scaled problems short of tol after max_steps: one name
+    "the scaled problems never reach tol: a step size not re-derived after scaling (the raw problem's), "
+    "or one at the stability limit 2 / lambda_max",
+    "compute lr = 1 / lambda_max(H) for each version of the features, from that version's own Hessian "
+    "H = (2/n) A^T A: the raw problem's step size is far too small for scaled features, and at 2 / lambda_max "
+    "the error along the steepest direction flips sign forever instead of shrinking.",
+    partial(_experiment, bugs=("raw_lr",)))
+_DATA_KAPPA = Misconception(
+    "kappa of the data matrix, not of the Hessian (np.linalg.cond(X))",
+    "use your hessian_condition_number: the Hessian is H = (2/n) A^T A with A = [X, 1], and its kappa "
+    "is cond(A) squared.",
+    partial(_experiment, bugs=("data_kappa",)))
+
+SCALING_EXPERIMENT_CATALOGUE = [
+    _FIT_ALL,
+    _TEST_REFIT,
+    _RAW_LR,
+    Misconception(
+        "one step size for every problem, the standardized problem's",
+        "each version of the features has its own Hessian: compute lr = 1 / lambda_max(H) inside the loop, "
+        "from the features that GD runs on.",
+        partial(_experiment, bugs=("standardized_lr",))),
+    Misconception(
+        "the step size ignores the Hessian's factor 2/n (1 / lambda_max of A^T A)",
+        "the Hessian of the mean squared error is H = (2/n) A^T A: lr = 1 / lambda_max of that matrix.",
+        partial(_experiment, bugs=("lr_without_2_over_n",))),
+    _DATA_KAPPA,
+    Misconception(
+        "the targets y were standardized too (on the standardized problem)",
+        "scale the features only: the loss, its optimum and tol are in the units of y, the same for every problem.",
+        partial(_experiment, bugs=("scaled_targets",))),
+    combined(_FIT_ALL, _TEST_REFIT, partial(_experiment, bugs=("fit_all", "test_refit"))),
+    combined(_RAW_LR, _DATA_KAPPA, partial(_experiment, bugs=("raw_lr", "data_kappa"))),
+]
+
 CATALOGUE = {
     "MinMaxScaler": MIN_MAX_SCALER_CATALOGUE,
     "StandardScaler": STANDARD_SCALER_CATALOGUE,
@@ -287,6 +371,7 @@ CATALOGUE = {
     "gradient_descent": GRADIENT_DESCENT_CATALOGUE,
     "steps_to_tolerance": STEPS_TO_TOLERANCE_CATALOGUE,
     "hessian_condition_number": HESSIAN_CATALOGUE,
+    "scaling_experiment": SCALING_EXPERIMENT_CATALOGUE,
 }
 
 
@@ -460,3 +545,32 @@ def check_hessian_condition_number(hessian_condition_number, hidden=False):
     report_pass("hessian_condition_number", run_check(
         "hessian_condition_number", hessian_condition_number, ref.hessian_condition_number,
         _hessian_cases(hidden), _run_condition, HESSIAN_CATALOGUE, rtol=1e-6, hidden=hidden))
+
+
+
+def _experiment_cases(hidden):
+    """Random train/test splits of the wine data (split seeds from the case stream) with
+    other test sizes, tolerances and step caps. A split is kept only if some test value lies
+    outside the training range (about 1 split in 200 has none, and nothing to leak there);
+    the wine data's measurement steps then put it at least 1e-3 outside [0, 1]."""
+    rng = case_rng(hidden, 5)
+    settings = [(0.3, 1e-3, 5000), (0.2, 1e-4, 4000)] + ([(0.25, 3e-4, 5000)] if hidden else [])
+    cases = []
+    for test_size, tol, max_steps in settings:
+        while True:
+            seed = int(rng.integers(2**32))
+            X_train, y_train, X_test, _ = wine_split(seed, test_size)
+            if ref.outside_unit_interval(ref.MinMaxScaler().fit(X_train).transform(X_test)) > 1e-3:
+                break
+        cases.append(Case(f"wine_split(seed={seed}, test_size={test_size}), tol={tol:g}, max_steps={max_steps}",
+                          {"X_train": X_train, "y_train": y_train, "X_test": X_test, "tol": tol,
+                           "max_steps": max_steps}))
+    return cases
+
+
+def check_scaling_experiment(scaling_experiment, hidden=False):
+    """Check scaling_experiment(X_train, y_train, X_test, tol, max_steps) -> dict."""
+    __tracebackhide__ = True
+    report_pass("scaling_experiment", run_check(
+        "scaling_experiment", scaling_experiment, ref.scaling_experiment, _experiment_cases(hidden),
+        _run_experiment, SCALING_EXPERIMENT_CATALOGUE, rtol=1e-6, hidden=hidden))
