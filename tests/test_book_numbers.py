@@ -26,7 +26,7 @@ import yaml
 BOOK = Path(__file__).resolve().parents[1] / "book"
 PAGES = sorted(p.name for p in BOOK.glob("ch*_*.md")) + ["instructors.md"]
 
-NUMBER = re.compile(r"(?<![\w.\-/#])[-+\u2212]?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w/])")
+NUMBER = re.compile(r"(?<![\w.\-/#])[-+\u2212]?\d(?:[\d,]*\d)?(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w/])")
 REFERENCE = re.compile(r"(?:Secs?\.|Sections?|Figs?\.|Figures?|Tables?|Algorithms?|Alg\.|Eqs?\.|Equations?|"
                        r"Chapters?|Ch\.|Appendix|arXiv|panels?|issue|nbgrader issue)\s*$", re.I)
 YEAR = re.compile(r"^(19[5-9]\d|20[0-2]\d)[a-z]?$")

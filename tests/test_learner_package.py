@@ -295,12 +295,25 @@ def test_the_fresh_environment_has_no_bn_reference(learner_venv, fresh_runs):
     assert "site-packages" in proc.stdout
 
 
+def _cell_seconds(cell) -> float:
+    """How long a cell ran, from the timings nbclient records."""
+    from datetime import datetime
+
+    timing = cell.metadata["execution"]
+    started, ended = (datetime.fromisoformat(timing[k].replace("Z", "+00:00"))
+                      for k in ("iopub.execute_input", "shell.execute_reply"))
+    return (ended - started).total_seconds()
+
+
 def test_the_first_cell_installs_the_learner_package_from_the_site(fresh_runs):
-    first_slug = SLUGS[0]
-    blank = fresh_runs[first_slug][0]
-    first = next(c for c in blank.cells if c.cell_type == "code")
-    assert not _errors(first)
-    print({slug: round(runs[1].metadata["seconds"], 1) for slug, runs in fresh_runs.items()})
+    """The first notebook run in the fresh environment installs the wheel from the site (served
+    on 127.0.0.1 here); later ones find it installed."""
+    first = [next(c for c in runs[0].cells if c.cell_type == "code") for runs in fresh_runs.values()]
+    assert not any(_errors(cell) for cell in first)
+    assert "Successfully installed" in "".join(o.get("text", "") for o in first[0].outputs) or \
+        _cell_seconds(first[0]) > _cell_seconds(first[1])
+    print(f"install cell: {_cell_seconds(first[0]):.1f} s when it installs, {_cell_seconds(first[1]):.1f} s after; "
+          f"model answers ran in {({s: round(r[1].metadata['seconds'], 1) for s, r in fresh_runs.items()})} s")
 
 
 @pytest.mark.parametrize("slug", SLUGS)
