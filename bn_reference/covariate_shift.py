@@ -348,7 +348,8 @@ def train(model: nn.Module, data, steps: int, lr: float, *, batch_size: int = 60
     ``eval_every`` steps, step 0 included); ``train_loss`` (steps,); with
     ``record=(module, unit)``, ``percentiles`` (steps, 3): the 15th, 50th and 85th
     percentiles of the input to that unit on each training batch (an
-    :class:`ActivationRecorder` around each training forward pass); with
+    :class:`ActivationRecorder` on the module, which drops the module's calls inside
+    ``measure`` and the evaluations); with
     ``measure``, ``measure_steps`` and ``measurements``: ``measure(model, x, y)`` on
     the step's batch, before the update, every ``measure_every`` steps.
     """
@@ -361,27 +362,37 @@ def train(model: nn.Module, data, steps: int, lr: float, *, batch_size: int = 60
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     log = {"eval_steps": [0], "test_accuracy": [_accuracy(model, X_test, y_test)], "train_loss": [],
            "percentiles": [], "measure_steps": [], "measurements": []}
-    model.train()
-    for step in range(1, steps + 1):
-        idx = torch.randperm(len(X_train), generator=gen)[:batch_size]
-        xb, yb = X_train[idx], y_train[idx]
-        if measure is not None and measure_every and (step - 1) % measure_every == 0:
-            log["measure_steps"].append(step - 1)
-            log["measurements"].append(measure(model, xb, yb))
-        if record is None:
-            out = model(xb)
-        else:
-            with ActivationRecorder(*record) as recorder:
-                out = model(xb)
-            log["percentiles"].extend(recorder.records)
-        loss = F.cross_entropy(out, yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        log["train_loss"].append(loss.item())
-        if step % eval_every == 0:
-            log["eval_steps"].append(step)
-            log["test_accuracy"].append(_accuracy(model, X_test, y_test))
+    recorder = ActivationRecorder(*record) if record is not None else None
+
+    def unrecorded(fn, *args):
+        """fn(*args), its forward passes through the recorded module dropped from the records."""
+        kept = len(recorder.records) if recorder is not None else 0
+        try:
+            return fn(*args)
+        finally:
+            if recorder is not None:
+                del recorder.records[kept:]
+
+    try:
+        model.train()
+        for step in range(1, steps + 1):
+            idx = torch.randperm(len(X_train), generator=gen)[:batch_size]
+            xb, yb = X_train[idx], y_train[idx]
+            if measure is not None and measure_every and (step - 1) % measure_every == 0:
+                log["measure_steps"].append(step - 1)
+                log["measurements"].append(unrecorded(measure, model, xb, yb))
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            log["train_loss"].append(loss.item())
+            if step % eval_every == 0:
+                log["eval_steps"].append(step)
+                log["test_accuracy"].append(unrecorded(_accuracy, model, X_test, y_test))
+    finally:
+        if recorder is not None:
+            recorder.remove()
+    log["percentiles"] = recorder.records if recorder is not None else []
     return {key: (value if key == "measurements" else np.array(value)) for key, value in log.items()}
 
 

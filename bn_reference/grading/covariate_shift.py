@@ -608,7 +608,9 @@ def _noisy_cases(hidden):
         data = {"C": c, "seed": int(rng.integers(1 << 30)), "kwargs": dict(kwargs or {}), "dtype": dtype,
                 "gamma": rng.uniform(0.5, 2, c).astype(dtype), "beta": rng.normal(size=c).astype(dtype),
                 "steps": steps}
-        return Case(label, {**data, **(_FLOAT32 if dtype == "float32" else _NOISY_FLOAT64)})
+        # float32: with a batch of 2 BN's output hardly depends on its input, and the input's gradient is
+        # rounding noise of ~1e-4 that differs between correct implementations by ~1e-6
+        return Case(label, {**data, **({"rtol": 1e-4, "atol": 2e-5} if dtype == "float32" else _NOISY_FLOAT64)})
 
     cases = [
         case("(8, 4) input, noise_mean=1, noise_std=1 (the defaults), gamma and beta random: "
