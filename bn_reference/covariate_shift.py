@@ -30,18 +30,18 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
 from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
+
+from bn_exercises.covariate_shift import load_digits_split, make_mlp  # the notebook's helpers: one implementation
 
 __all__ = [
     "ActivationRecorder",
     "parameterized_layers",
     "gradient_shift",
     "NoisyBatchNorm1d",
+    "ActivationNoise",
     "landscape_along_gradient",
     "loss_along_gradient",
     "load_digits_split",
@@ -49,6 +49,7 @@ __all__ = [
     "train",
     "steps_to_accuracy",
     "outputs_across_batches",
+    "ics_experiment",
 ]
 
 DEFAULT_PERCENTILES = (15, 50, 85)  # the paper's Fig. 1 (b, c)
@@ -239,6 +240,28 @@ def loss_along_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss
 # --------------------------------------------------------------------------
 # Noisy BN (Santurkar et al. 2018, Sec. 2.1)
 
+def _time_varying_noise(y: torch.Tensor, generator: torch.Generator, noise_mean: float,
+                        noise_std: float) -> torch.Tensor:
+    """``y`` (N, C) or (N, C, L) plus noise whose distribution is drawn anew at this call:
+    from ``generator``, in this order and in y's dtype, ``mean = noise_mean * (2 * rand(C) - 1)``,
+    ``std = noise_std * rand(C)`` and ``z = randn(y.shape)``; returns ``y + mean + std * z``
+    (mean and std broadcast over every axis but 1)."""
+    c, view = y.shape[1], (1, -1) + (1,) * (y.dim() - 2)
+    options = {"generator": generator, "dtype": y.dtype}
+    mean = noise_mean * (2 * torch.rand(c, **options) - 1)
+    std = noise_std * torch.rand(c, **options)
+    z = torch.randn(y.shape, **options)
+    return y + mean.view(view) + std.view(view) * z
+
+
+def _check_noise(generator, noise_mean, noise_std) -> None:
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator (torch.Generator().manual_seed(0)), "
+                         f"got {type(generator).__name__}.")
+    if not (noise_mean >= 0 and noise_std >= 0):
+        raise ValueError(f"noise_mean and noise_std must be >= 0, got {noise_mean!r} and {noise_std!r}.")
+
+
 class NoisyBatchNorm1d(nn.BatchNorm1d):
     """``nn.BatchNorm1d`` followed, in training mode only, by noise whose distribution
     changes at every call (Santurkar et al. 2018, Sec. 2.1).
@@ -261,78 +284,44 @@ class NoisyBatchNorm1d(nn.BatchNorm1d):
     def __init__(self, num_features: int, generator: torch.Generator, noise_mean: float = 1.0,
                  noise_std: float = 1.0, **kwargs):
         super().__init__(num_features, **kwargs)
-        if not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator (torch.Generator().manual_seed(0)), "
-                             f"got {type(generator).__name__}.")
-        if not (noise_mean >= 0 and noise_std >= 0):
-            raise ValueError(f"noise_mean and noise_std must be >= 0, got {noise_mean!r} and {noise_std!r}.")
+        _check_noise(generator, noise_mean, noise_std)
         self.generator, self.noise_mean, self.noise_std = generator, noise_mean, noise_std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
         if not self.training:
             return y
-        c, view = self.num_features, (1, -1) + (1,) * (y.dim() - 2)
-        options = {"generator": self.generator, "dtype": y.dtype}
-        mean = self.noise_mean * (2 * torch.rand(c, **options) - 1)
-        std = self.noise_std * torch.rand(c, **options)
-        z = torch.randn(y.shape, **options)
-        return y + mean.view(view) + std.view(view) * z
+        return _time_varying_noise(y, self.generator, self.noise_mean, self.noise_std)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, noise_mean={self.noise_mean}, noise_std={self.noise_std}"
 
 
+class ActivationNoise(nn.Module):
+    """The noise of :class:`NoisyBatchNorm1d` without the normalization - the same draws
+    from ``generator`` at every training-mode call, added to the input itself; eval mode
+    passes the input through. In place of BN it is Santurkar et al.'s control run
+    (Sec. 2.1): the same noise in the network without BN."""
+
+    def __init__(self, num_features: int, generator: torch.Generator, noise_mean: float = 1.0,
+                 noise_std: float = 1.0):
+        super().__init__()
+        _check_noise(generator, noise_mean, noise_std)
+        self.num_features, self.generator = num_features, generator
+        self.noise_mean, self.noise_std = noise_mean, noise_std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"ActivationNoise({self.num_features}) got an input of shape {tuple(x.shape)}.")
+        return _time_varying_noise(x, self.generator, self.noise_mean, self.noise_std) if self.training else x
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, noise_mean={self.noise_mean}, noise_std={self.noise_std}"
+
+
 # --------------------------------------------------------------------------
-# The page's experiments: data, networks, training
-
-def load_digits_split(test_size: float = 0.3, seed: int = 0):
-    """scikit-learn's digits (1797 8x8 images, 64 features, 10 classes), split into a
-    stratified train / test split and standardized with the training split's mean
-    and standard deviation (``StandardScaler``; constant pixels stay 0).
-
-    Returns ``(X_train, y_train, X_test, y_test)``: float32 (n, 64) and int64 (n,)
-    tensors; 1257 / 540 images with the defaults.
-    """
-    X, y = load_digits(return_X_y=True)
-    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=y)
-    scaler = StandardScaler().fit(X_train)
-    as_x = lambda a: torch.tensor(scaler.transform(a), dtype=torch.float32)  # noqa: E731
-    return as_x(X_train), torch.tensor(y_train), as_x(X_test), torch.tensor(y_test)
-
-
-def make_mlp(norm_layer: Callable[[int], nn.Module] | None = None, init_scale: float = 1.0, seed: int = 0,
-             hidden: Sequence[int] = (100, 100, 100), n_in: int = 64, n_out: int = 10) -> nn.Sequential:
-    """The network of the paper's Fig. 1: fully connected hidden layers of sigmoid units
-    (3 of 100 by default), each ``Linear -> [norm_layer] -> Sigmoid``, then a Linear output.
-
-    ``norm_layer(width)`` makes the normalization layer (``nn.BatchNorm1d``, or None for
-    none); BN goes before the nonlinearity, as in the paper (Sec. 3.2). Weights are
-    Gaussian with standard deviation ``init_scale / sqrt(fan_in)``, biases 0, drawn from
-    a generator seeded with ``seed`` in layer order, so networks with and without BN
-    built with the same seed start from the same weights.
-    """
-    if not init_scale > 0:
-        raise ValueError(f"init_scale must be > 0, got {init_scale!r}.")
-    gen = torch.Generator().manual_seed(seed)
-
-    def gaussian_linear(fan_in: int, fan_out: int) -> nn.Linear:
-        linear = nn.Linear(fan_in, fan_out)
-        with torch.no_grad():
-            linear.weight.copy_(torch.randn(fan_out, fan_in, generator=gen) * init_scale / math.sqrt(fan_in))
-            linear.bias.zero_()
-        return linear
-
-    layers, width = [], n_in
-    for size in hidden:
-        layers.append(gaussian_linear(width, size))
-        if norm_layer is not None:
-            layers.append(norm_layer(size))
-        layers.append(nn.Sigmoid())
-        width = size
-    layers.append(gaussian_linear(width, n_out))
-    return nn.Sequential(*layers)
-
+# The page's experiments: training (the data and the networks come from
+# bn_exercises.covariate_shift: load_digits_split, make_mlp)
 
 @torch.no_grad()
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -349,16 +338,18 @@ def train(model: nn.Module, data, steps: int, lr: float, *, batch_size: int = 60
           measure: Callable | None = None, measure_every: int | None = None) -> dict:
     """Train ``model`` with plain SGD (no momentum, no weight decay) on cross-entropy.
 
-    ``data`` is ``(X_train, y_train, X_test, y_test)``. Mini-batches of ``batch_size``
-    come from a fresh random permutation of the training split every epoch (the last,
-    incomplete batch of an epoch is dropped), drawn from a generator seeded with
-    ``seed``: the same seed gives the same batches whatever the model.
+    ``data`` is ``(X_train, y_train, X_test, y_test)``. Each step's mini-batch is
+    ``batch_size`` different training examples drawn at random, the first ones of
+    ``torch.randperm(len(X_train), generator=gen)`` with ``gen`` a generator seeded with
+    ``seed`` (one permutation per step): the same seed gives the same batches whatever
+    the model.
 
     Returns a dict: ``eval_steps`` and ``test_accuracy`` (eval mode, every
     ``eval_every`` steps, step 0 included); ``train_loss`` (steps,); with
     ``record=(module, unit)``, ``percentiles`` (steps, 3): the 15th, 50th and 85th
     percentiles of the input to that unit on each training batch (an
-    :class:`ActivationRecorder` around each training forward pass); with
+    :class:`ActivationRecorder` on the module, which drops the module's calls inside
+    ``measure`` and the evaluations); with
     ``measure``, ``measure_steps`` and ``measurements``: ``measure(model, x, y)`` on
     the step's batch, before the update, every ``measure_every`` steps.
     """
@@ -371,31 +362,37 @@ def train(model: nn.Module, data, steps: int, lr: float, *, batch_size: int = 60
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     log = {"eval_steps": [0], "test_accuracy": [_accuracy(model, X_test, y_test)], "train_loss": [],
            "percentiles": [], "measure_steps": [], "measurements": []}
-    order, start = torch.randperm(len(X_train), generator=gen), 0
-    model.train()
-    for step in range(1, steps + 1):
-        if start + batch_size > len(order):
-            order, start = torch.randperm(len(X_train), generator=gen), 0
-        idx = order[start:start + batch_size]
-        start += batch_size
-        xb, yb = X_train[idx], y_train[idx]
-        if measure is not None and measure_every and (step - 1) % measure_every == 0:
-            log["measure_steps"].append(step - 1)
-            log["measurements"].append(measure(model, xb, yb))
-        if record is None:
-            out = model(xb)
-        else:
-            with ActivationRecorder(*record) as recorder:
-                out = model(xb)
-            log["percentiles"].extend(recorder.records)
-        loss = F.cross_entropy(out, yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        log["train_loss"].append(loss.item())
-        if step % eval_every == 0:
-            log["eval_steps"].append(step)
-            log["test_accuracy"].append(_accuracy(model, X_test, y_test))
+    recorder = ActivationRecorder(*record) if record is not None else None
+
+    def unrecorded(fn, *args):
+        """fn(*args), its forward passes through the recorded module dropped from the records."""
+        kept = len(recorder.records) if recorder is not None else 0
+        try:
+            return fn(*args)
+        finally:
+            if recorder is not None:
+                del recorder.records[kept:]
+
+    try:
+        model.train()
+        for step in range(1, steps + 1):
+            idx = torch.randperm(len(X_train), generator=gen)[:batch_size]
+            xb, yb = X_train[idx], y_train[idx]
+            if measure is not None and measure_every and (step - 1) % measure_every == 0:
+                log["measure_steps"].append(step - 1)
+                log["measurements"].append(unrecorded(measure, model, xb, yb))
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            log["train_loss"].append(loss.item())
+            if step % eval_every == 0:
+                log["eval_steps"].append(step)
+                log["test_accuracy"].append(unrecorded(_accuracy, model, X_test, y_test))
+    finally:
+        if recorder is not None:
+            recorder.remove()
+    log["percentiles"] = recorder.records if recorder is not None else []
     return {key: (value if key == "measurements" else np.array(value)) for key, value in log.items()}
 
 
@@ -426,3 +423,40 @@ def outputs_across_batches(model: nn.Module, x: torch.Tensor, pool: torch.Tensor
     for name, b in model.named_buffers():
         b.copy_(buffers[name])
     return torch.stack(rows)
+
+
+# --------------------------------------------------------------------------
+# The exercise's graded experiment: ICS measured both ways, with and without BN
+
+def ics_experiment(seed: int, steps: int = 300, lr: float = 0.5, measure_every: int = 25, unit: int = 0) -> dict:
+    """The network of Fig. 1 without and with BN, trained on digits while both measures of
+    internal covariate shift watch it.
+
+    For each network - ``"no BN"``: ``make_mlp(None, seed=seed)``, ``"BN"``:
+    ``make_mlp(nn.BatchNorm1d, seed=seed)``, so both start from the same weights - ``steps``
+    steps of plain SGD at learning rate ``lr`` on cross-entropy, each step's batch the first
+    60 indices of ``torch.randperm(len(X_train), generator=gen)`` with ``gen`` seeded with
+    ``seed`` anew for each network (both see the same batches) (:func:`train`). On each
+    training forward pass an :class:`ActivationRecorder` records the 15th, 50th and 85th
+    percentiles of the input to unit ``unit`` of the last Sigmoid; at steps 0,
+    ``measure_every``, ... :func:`gradient_shift` runs on the step's batch, before the
+    update, with the training ``lr``.
+
+    Returns ``{"no BN": r, "BN": r}`` with ``r["percentiles"]`` (steps, 3),
+    ``r["distances"]`` and ``r["cosines"]`` (ceil(steps / measure_every), 4): the values of
+    the 4 Linear layers, and ``r["test_accuracy"]`` after training (eval mode).
+    """
+    data = load_digits_split()
+    results = {}
+    for name, norm in (("no BN", None), ("BN", nn.BatchNorm1d)):
+        model = make_mlp(norm, seed=seed)
+        sigmoid = [m for m in model.modules() if isinstance(m, nn.Sigmoid)][-1]
+        linear = np.array([isinstance(m, nn.Linear) for _, m in parameterized_layers(model)])
+        log = train(model, data, steps, lr, seed=seed, eval_every=steps, record=(sigmoid, unit),
+                    measure=lambda m, x, y: gradient_shift(m, x, y, F.cross_entropy, lr),
+                    measure_every=measure_every)
+        results[name] = {"percentiles": log["percentiles"],
+                         "distances": np.array([d[linear] for d, _ in log["measurements"]]),
+                         "cosines": np.array([c[linear] for _, c in log["measurements"]]),
+                         "test_accuracy": float(log["test_accuracy"][-1])}
+    return results

@@ -114,3 +114,41 @@ def loss_along_gradient(model, x, y, loss_fn, step_sizes):
         losses.append(loss.item())
         norms.append(torch.cat([p.grad.reshape(-1) for p in probe_params]).norm().item())
     return losses, norms
+
+
+def ics_experiment(seed):
+    """The graded experiment as a learner might write it: SGD by hand, one recorder per
+    step around the training forward pass, this module's own tools."""
+    from bn_exercises.covariate_shift import load_digits_split, make_mlp
+
+    X_train, y_train, X_test, y_test = load_digits_split()
+    results = {}
+    for label, norm_layer in [("no BN", None), ("BN", nn.BatchNorm1d)]:
+        net = make_mlp(norm_layer, seed=seed)
+        last_sigmoid = [m for m in net.modules() if isinstance(m, nn.Sigmoid)][-1]
+        is_linear = [isinstance(m, nn.Linear) for m in _layers(net)]
+        draw = torch.Generator().manual_seed(seed)
+        rows, dists, coss = [], [], []
+        for step in range(300):
+            batch = torch.randperm(X_train.shape[0], generator=draw)[:60]
+            xb, yb = X_train[batch], y_train[batch]
+            if step % 25 == 0:
+                d, c = gradient_shift(net, xb, yb, torch.nn.functional.cross_entropy, 0.5)
+                dists.append([v for v, keep in zip(d, is_linear) if keep])
+                coss.append([v for v, keep in zip(c, is_linear) if keep])
+            recorder = ActivationRecorder(last_sigmoid, 0)
+            loss = torch.nn.functional.cross_entropy(net(xb), yb)
+            recorder.remove()
+            rows.extend(recorder.records)
+            for p in net.parameters():
+                p.grad = None
+            loss.backward()
+            with torch.no_grad():
+                for p in net.parameters():
+                    p -= 0.5 * p.grad
+        net.eval()
+        with torch.no_grad():
+            accuracy = (net(X_test).argmax(1) == y_test).float().mean().item()
+        results[label] = {"percentiles": np.stack(rows), "distances": np.array(dists), "cosines": np.array(coss),
+                          "test_accuracy": accuracy}
+    return results

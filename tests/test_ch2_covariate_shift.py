@@ -5,8 +5,12 @@ from the same generator; a first-order Taylor expansion of the loss;
 scikit-learn's StandardScaler), and the grading checks against the
 misconception catalogue."""
 
+import contextlib
 import copy
+import io
+from pathlib import Path
 
+import nbformat
 import numpy as np
 import pytest
 import torch
@@ -17,9 +21,10 @@ from torch import nn
 from torch.nn import functional as F
 
 import alt_ch2_covariate_shift as alt
+import bn_exercises.covariate_shift as learner
 from chapter_suite import CatalogueSuite, CycleSuite
 from bn_reference import covariate_shift as ref
-from bn_reference.grading import CheckFailed
+from bn_reference.grading import CheckFailed, use_secret
 from bn_reference.grading import covariate_shift as grading
 
 
@@ -107,7 +112,7 @@ def test_recorder_removes_only_its_own_hook():
 
 
 def test_recorder_records_every_call_of_a_shared_module():
-    model = grading._model(0, kind="twice")
+    model = learner._model(0, kind="twice")
     with ref.ActivationRecorder(model.act, 1) as recorder:
         model(torch.randn(5, 5, dtype=torch.float64))
     assert len(recorder.records) == 2
@@ -163,7 +168,7 @@ def test_gradient_shift_matches_autograd_on_copies(bn, lr, mode):
 
 
 def test_gradient_shift_of_a_cnn_with_mse():
-    model = grading._model(3, kind="cnn")
+    model = learner._model(3, kind="cnn")
     x, target = torch.randn(5, 2, 5, 5, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
     ours = ref.gradient_shift(model, x, target, F.mse_loss, 0.2)
     for a, b in zip(ours, _oracle_gradient_shift(model, x, target, F.mse_loss, 0.2)):
@@ -235,6 +240,20 @@ def test_noisy_batchnorm_noise_has_the_drawn_mean_and_spread_and_changes_every_s
     torch.testing.assert_close(noise.std(dim=0), std, atol=0.03, rtol=0)
     assert not torch.allclose(layer(x[:10]), layer(x[:10]))
     assert "noise_mean=2.0, noise_std=3.0" in repr(layer)
+
+
+def test_activation_noise_is_noisy_batchnorms_noise_without_the_normalization():
+    """Santurkar et al.'s control: the same draws from the same generator, added to the input."""
+    x = torch.randn(9, 4, dtype=torch.float64) * 3 + 1
+    noise = ref.ActivationNoise(4, torch.Generator().manual_seed(5), noise_mean=0.5, noise_std=2.0)
+    noisy_bn = ref.NoisyBatchNorm1d(4, torch.Generator().manual_seed(5), noise_mean=0.5, noise_std=2.0,
+                                    dtype=torch.float64)
+    added = noise(x) - x
+    torch.testing.assert_close(added, noisy_bn(x) - F.batch_norm(x, None, None, training=True))
+    assert not torch.equal(noise(x) - x, added)  # a new distribution at every call
+    assert torch.equal(noise.eval()(x), x) and "noise_mean=0.5" in repr(noise)
+    with pytest.raises(ValueError, match=r"ActivationNoise\(4\) got an input of shape \(9, 3\)"):
+        noise.train()(x[:, :3])
 
 
 # --- loss_along_gradient against copies and a Taylor expansion ----------------
@@ -346,6 +365,59 @@ def test_outputs_across_batches_depend_on_the_batch_only_with_bn():
     assert plain.std(dim=0).max() == 0
 
 
+def test_the_case_models_nested_and_mixed():
+    nested = learner._model(0, kind="nested", bn=True)
+    assert [type(m).__name__ for m in nested.children()] == ["Sequential", "Sequential", "Linear"]
+    assert len(ref.parameterized_layers(nested)) == 5
+    mixed = learner._model(0, bn=True, mode="mixed")
+    assert learner._modes(mixed) == "4" and not mixed.training
+
+
+def test_the_reference_experiment_is_the_plain_training_loop():
+    """ics_experiment (through train()) against the same experiment written as a plain loop
+    (the catalogue's, without a mistake), and against the second implementation at step 0."""
+    ours, loop = ref.ics_experiment(3), grading._experiment(3)
+    for name in ("no BN", "BN"):
+        for key in ("percentiles", "distances", "cosines"):
+            np.testing.assert_allclose(ours[name][key], loop[name][key], rtol=1e-6, atol=1e-9, err_msg=key)
+        assert ours[name]["test_accuracy"] == loop[name]["test_accuracy"]
+        assert ours[name]["percentiles"].shape == (300, 3) and ours[name]["distances"].shape == (12, 4)
+        assert ours[name]["distances"][0, 0] == 0 and ours[name]["cosines"][0, 0] == pytest.approx(1.0)
+
+
+#: Seeds on which the graded experiment's margins are proven (the check's hidden seed is any seed).
+MARGIN_SEEDS = (0, 1, 2, 3, 4, 11)
+
+
+def _slack(result):
+    """How far each of the graded experiment's margins is from failing (> 0: it holds)."""
+    (p0, d0, c0, a0), (p1, d1, c1, a1) = [
+        (np.asarray(result[n]["percentiles"]), np.asarray(result[n]["distances"]), np.asarray(result[n]["cosines"]),
+         result[n]["test_accuracy"]) for n in ("no BN", "BN")]
+    return {"drift (no BN / BN - 1)": learner.percentile_drift(p0) / learner.percentile_drift(p1) - 1,
+            "shift (median ratio - 1)": np.median(d1[:, 1:].mean(1) / d0[:, 1:].mean(1)) - learner.SHIFT_FACTOR,
+            "turn (median ratio - 2)": np.median((1 - c1[:, 1:]).mean(1) / (1 - c0[:, 1:]).mean(1))
+            - learner.TURN_FACTOR,
+            "accuracy (BN - no BN)": a1 - a0}
+
+
+@pytest.mark.parametrize("impl", ["reference", "second implementation"])
+def test_the_experiments_margins_hold_on_every_seed(impl):
+    """The graded experiment's phenomenon, with its margins, for two independently written
+    correct experiments on several seeds; prints the smallest slack of each margin."""
+    fn = ref.ics_experiment if impl == "reference" else alt.ics_experiment
+    slacks = []
+    for seed in MARGIN_SEEDS:
+        result = fn(seed)
+        out = learner._run_experiment(lambda s: result, grading.Case("", {"seed": seed, "steps": 300,
+                                                                          "measure_every": 25}))
+        assert all(v for k, v in out.items() if isinstance(v, bool)), (seed, out)
+        slacks.append(_slack(result))
+    smallest = {k: min(s[k] for s in slacks) for k in slacks[0]}
+    print(f"{impl}, seeds {MARGIN_SEEDS}: smallest slack {smallest}")
+    assert all(v > 0 for v in smallest.values())
+
+
 # --- bad input ----------------------------------------------------------------
 
 @pytest.mark.parametrize("call, message", [
@@ -385,15 +457,17 @@ class TestGrading(CatalogueSuite):
         "gradient_shift": grading.check_gradient_shift,
         "NoisyBatchNorm1d": grading.check_noisy_batchnorm,
         "loss_along_gradient": grading.check_loss_along_gradient,
+        "ics_experiment": grading.check_ics_experiment,
     }
     catalogue = grading.CATALOGUE
     alt = alt
     reference = ref
+    learner = learner
 
 
-def test_provided_helpers_are_not_graded_tasks():
-    assert set(grading.PROVIDED).isdisjoint(TestGrading.checks)
-    assert all(hasattr(ref, name) for name in grading.PROVIDED)
+def test_the_notebook_helpers_are_the_learner_packages():
+    """One implementation: the reference and the page use the learner package's helpers."""
+    assert ref.load_digits_split is learner.load_digits_split and ref.make_mlp is learner.make_mlp
 
 
 def test_a_recorder_that_stores_tensors_passes(capsys):
@@ -440,12 +514,189 @@ def test_stub_and_crash_get_clear_messages():
         grading.check_gradient_shift(lambda model, x, y, loss_fn, lr: 1 / 0)
 
 
+# --- real code: the model answers with one realistic change each -----------------
+
+SOLUTION = Path(__file__).resolve().parents[1] / "solutions" / "ch2_covariate_shift" / "ch2_covariate_shift.ipynb"
+_TASK_CELLS = ("activation_recorder", "gradient_shift", "noisy_batchnorm", "loss_along_gradient",
+               "experiment_settings", "ics_experiment")
+_NO_FINALLY = [("    try:\n        model.train()", "    if True:\n        model.train()"),
+               ("    finally:\n", "    if True:\n"),
+               ("            m.training = mode\n", "            m.training = mode\n    return RESULT\n")]
+_ONE_FLAG = [("    saved_modes = [m.training for m in model.modules()]\n", "    was_training = model.training\n"),
+             ("        for m, mode in zip(model.modules(), saved_modes):\n            m.training = mode\n",
+              "        model.train(was_training)\n")]
+_MEASURE = ("            if step % MEASURE_EVERY == 0:\n"
+            "                d, c = gradient_shift(model, x, y, F.cross_entropy, LR)\n"
+            "                distances.append(np.asarray(d)[linear])\n"
+            "                cosines.append(np.asarray(c)[linear])\n")
+
+#: (task, cell, patches, the misconception the grader must name: None for none, "passed" for a pass)
+MUTANTS = {
+    "recorder in float32 (torch.quantile)": ("ActivationRecorder", "activation_recorder", [(
+        "values = inputs[0].detach()[:, self.unit].flatten().double().numpy()\n"
+        "        self.records.append(np.percentile(values, self.percentiles))",
+        "values = inputs[0].detach()[:, self.unit].flatten()\n        self.records.append(torch.quantile("
+        "values, torch.tensor(self.percentiles, dtype=values.dtype) / 100).numpy())")],
+        "percentiles computed in the input's dtype (float32 for a float32 model) instead of float64"),
+    "recorder whose remove() does nothing": ("ActivationRecorder", "activation_recorder", [
+        ("    def remove(self):\n        ### BEGIN SOLUTION\n        self.handle.remove()",
+         "    def remove(self):\n        ### BEGIN SOLUTION\n        pass"),
+        ("    def __exit__(self, *exc_info):\n        ### BEGIN SOLUTION\n        self.remove()",
+         "    def __exit__(self, *exc_info):\n        ### BEGIN SOLUTION\n        self.handle.remove()")],
+        "remove() does not remove the hook (only leaving the with block does)"),
+    "recorder removing its hook on a normal exit only": ("ActivationRecorder", "activation_recorder", [(
+        "    def __exit__(self, *exc_info):\n        ### BEGIN SOLUTION\n        self.remove()",
+        "    def __exit__(self, exc_type, *rest):\n        ### BEGIN SOLUTION\n        if exc_type is None:\n"
+        "            self.remove()")],
+        "the hook is removed only when the with block ends normally: an error inside it leaves the hook behind"),
+    "recorder whose __exit__ returns True": ("ActivationRecorder", "activation_recorder", [(
+        "        self.remove()\n        ### END SOLUTION", "        self.remove()\n        return True\n"
+        "        ### END SOLUTION")], "__exit__ returns True: it swallows the errors raised inside the with block"),
+    "recorder of the module's output": ("ActivationRecorder", "activation_recorder", [(
+        "values = inputs[0].detach()", "values = output.detach()")],
+        "percentiles of the unit's output (after the module) instead of its input"),
+    "recorder with 'lower' interpolation": ("ActivationRecorder", "activation_recorder", [(
+        "np.percentile(values, self.percentiles)", "np.percentile(values, self.percentiles, method='lower')")],
+        None),
+    "gradient_shift never zeroing .grad": ("gradient_shift", "gradient_shift", [(
+        "        model.zero_grad(set_to_none=True)\n", "")],
+        "gradients accumulated between G and G' (.grad not zeroed)"),
+    "gradient_shift never zeroing .grad, G'_1 = G_1 without a backward pass": ("gradient_shift", "gradient_shift", [
+        ("        model.zero_grad(set_to_none=True)\n", ""),
+        ("        for i, layer in enumerate(layers):\n",
+         "        for i, layer in enumerate(layers):\n            if i == 0:\n                distances.append(0.0)\n"
+         "                cosines.append(1.0)\n                continue\n")],
+        "gradients accumulated from one layer's G' to the next (.grad not zeroed; G'_1 = G_1 taken without a "
+        "backward pass)"),
+    "gradient_shift with G'_1 = G_1 without a backward pass (right)": ("gradient_shift", "gradient_shift", [(
+        "        for i, layer in enumerate(layers):\n",
+        "        for i, layer in enumerate(layers):\n            if i == 0:\n                distances.append(0.0)\n"
+        "                cosines.append(1.0)\n                continue\n")], "passed"),
+    "gradient_shift over model.children()": ("gradient_shift", "gradient_shift", [(
+        "layers = [m for m in model.modules()", "layers = [m for m in model.children()")],
+        "layers taken from model.children() (the top level only) instead of model.modules()"),
+    "gradient_shift restoring one mode flag": ("gradient_shift", "gradient_shift", _ONE_FLAG,
+        "train/eval mode restored with one flag for the whole model (model.train(was_training)), not per module"),
+    "gradient_shift restoring on the normal path only": ("gradient_shift", "gradient_shift", [
+        *_NO_FINALLY[:2], ("        return np.array(distances), np.array(cosines)\n",
+                           "        RESULT = np.array(distances), np.array(cosines)\n"), _NO_FINALLY[2]],
+        "the model is restored only when the measurement ends normally: an error in loss_fn leaves it changed"),
+    "gradient_shift stepping layer i too": ("gradient_shift", "gradient_shift", [(
+        "for earlier in layers[:i]:", "for earlier in layers[:i + 1]:")],
+        "G' computed after updating every layer (layer i included) instead of layers 1..i-1"),
+    "noisy BN drawing in the default dtype": ("NoisyBatchNorm1d", "noisy_batchnorm", [
+        ("generator=self.generator, dtype=y.dtype) * 2", "generator=self.generator) * 2"),
+        ("generator=self.generator, dtype=y.dtype) * self", "generator=self.generator) * self"),
+        ("generator=self.generator, dtype=y.dtype)\n", "generator=self.generator)\n")],
+        "random numbers drawn in the default dtype (float32) instead of the layer's dtype"),
+    "noisy BN drawing in the default dtype, y + (mean + std * z)": ("NoisyBatchNorm1d", "noisy_batchnorm", [
+        ("generator=self.generator, dtype=y.dtype) * 2", "generator=self.generator) * 2"),
+        ("generator=self.generator, dtype=y.dtype) * self", "generator=self.generator) * self"),
+        ("generator=self.generator, dtype=y.dtype)\n", "generator=self.generator)\n"),
+        ("return y + mean.reshape(shape) + std.reshape(shape) * z",
+         "return y + (mean.reshape(shape) + std.reshape(shape) * z)")],
+        "random numbers drawn in the default dtype (float32) instead of the layer's dtype"),
+    "noisy BN in eval mode too": ("NoisyBatchNorm1d", "noisy_batchnorm", [(
+        "        if not self.training:\n            return y\n", "")], "noise applied in eval mode too"),
+    "loss_along_gradient restoring one mode flag": ("loss_along_gradient", "loss_along_gradient", _ONE_FLAG,
+        "train/eval mode restored with one flag for the whole model (model.train(was_training)), not per module"),
+    "loss_along_gradient restoring on the normal path only": ("loss_along_gradient", "loss_along_gradient", [
+        *_NO_FINALLY[:2], ("        return losses, grad_norms\n", "        RESULT = losses, grad_norms\n"),
+        _NO_FINALLY[2]],
+        "the model is restored only when the measurement ends normally: an error in loss_fn leaves it changed"),
+    "loss_along_gradient stepping from the previous point": ("loss_along_gradient", "loss_along_gradient", [(
+        "p.copy_(w - eta * gp)", "p.sub_(eta * gp)")],
+        "steps taken one after the other: each from the previous point instead of from the starting weights"),
+    "experiment recording after the last hidden Linear": ("ics_experiment", "ics_experiment", [(
+        "sigmoid = [m for m in model if isinstance(m, nn.Sigmoid)][-1]",
+        "sigmoid = model[[i for i, m in enumerate(model) if isinstance(m, nn.Linear)][-2] + 1]")],
+        "with BN, the recorder is on the BatchNorm1d layer - whose input is the Linear layer's output, not yet "
+        "normalized - instead of on the last Sigmoid"),
+    "experiment recording model[-1]": ("ics_experiment", "ics_experiment", [(
+        "sigmoid = [m for m in model if isinstance(m, nn.Sigmoid)][-1]", "sigmoid = model[-1]")],
+        "the recorder is on the output layer - whose input is the last Sigmoid's output, in (0, 1) - instead of "
+        "on the last Sigmoid"),
+    "experiment measuring after the step": ("ics_experiment", "ics_experiment", [
+        (_MEASURE, ""), ("            optimizer.step()\n", "            optimizer.step()\n" + _MEASURE)],
+        "gradient_shift measured after the SGD step instead of before it"),
+    "experiment measuring at steps 24, 49, ...": ("ics_experiment", "ics_experiment", [(
+        "if step % MEASURE_EVERY == 0:", "if (step + 1) % MEASURE_EVERY == 0:")], None),
+    "experiment with lr=0.1 for gradient_shift": ("ics_experiment", "ics_experiment", [(
+        "gradient_shift(model, x, y, F.cross_entropy, LR)", "gradient_shift(model, x, y, F.cross_entropy, 0.1)")],
+        "gradient_shift called with another lr than the training learning rate"),
+    "experiment with one recorder for the whole run": ("ics_experiment", "ics_experiment", [
+        ("        for step in range(STEPS):\n",
+         "        recorder = ActivationRecorder(sigmoid, UNIT)\n        for step in range(STEPS):\n"),
+        ("            with ActivationRecorder(sigmoid, UNIT) as recorder:\n"
+         "                loss = F.cross_entropy(model(x), y)\n            percentiles += recorder.records\n",
+         "            loss = F.cross_entropy(model(x), y)\n"),
+        ("        model.eval()\n", "        recorder.remove()\n        percentiles = recorder.records\n"
+                                 "        model.eval()\n")],
+        "the recorder stays open while gradient_shift runs, so it also records gradient_shift's forward passes"),
+    "experiment with one generator for both networks": ("ics_experiment", "ics_experiment", [
+        ("    results = {}\n", "    results = {}\n    gen = torch.Generator().manual_seed(seed)\n"),
+        ("        gen = torch.Generator().manual_seed(seed)\n", "")],
+        "one batch generator for both networks: the BN network trains on other batches than the plain one"),
+    "experiment without the seed in make_mlp": ("ics_experiment", "ics_experiment", [(
+        "make_mlp(norm_layer, seed=seed)", "make_mlp(norm_layer)")],
+        "the networks are not built from the seed (make_mlp(..., seed=seed))"),
+    "experiment keeping every layer's values": ("ics_experiment", "ics_experiment", [
+        ("distances.append(np.asarray(d)[linear])", "distances.append(np.asarray(d))"),
+        ("cosines.append(np.asarray(c)[linear])", "cosines.append(np.asarray(c))")],
+        "distances and cosines of every layer with parameters (BN layers included) instead of the 4 Linear layers"),
+}
+
+
+def _notebook_namespace(cell=None, patches=()):
+    """The model answers' task cells, run in a fresh namespace, with ``patches`` applied to ``cell``."""
+    nb = nbformat.read(SOLUTION, as_version=4)
+    namespace = {"np": np, "torch": torch, "nn": nn, "F": F, "load_digits_split": learner.load_digits_split,
+                 "make_mlp": learner.make_mlp}
+    threads = torch.get_num_threads()
+    for c in nb.cells:
+        grade_id = c.metadata.get("nbgrader", {}).get("grade_id")
+        if grade_id not in _TASK_CELLS:
+            continue
+        source = c.source
+        for old, new in patches if grade_id == cell else ():
+            assert source.count(old) == 1, (grade_id, old)
+            source = source.replace(old, new)
+        exec(compile(source, f"<notebook cell {grade_id}>", "exec"), namespace)
+    torch.set_num_threads(threads)
+    return namespace
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("mutant", list(MUTANTS))
+def test_real_code_gets_the_right_name_or_none(mutant):
+    """Each realistic change of the model answers is named with its own misconception (or, when
+    no entry reproduces it, with none - never with a wrong one); the unchanged answers pass."""
+    task, cell, patches, expected = MUTANTS[mutant]
+    student = _notebook_namespace(cell, patches)[task]
+    assert _verdict_of(TestGrading.checks[task], student) == expected
+
+
+def _verdict_of(check, student):
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            check(student)
+    except CheckFailed as failure:
+        return failure.misconception
+    return "passed"
+
+
+def test_the_model_answers_pass_every_check():
+    namespace = _notebook_namespace()
+    for task, check in TestGrading.checks.items():
+        assert _verdict_of(check, namespace[task]) == "passed", task
+
+
 # --- the nbgrader cycle -------------------------------------------------------
 
 class TestNbgraderCycle(CycleSuite):
     slug = "ch2_covariate_shift"
-    full_score = 9
-    stubs = 8
+    full_score = 12
+    stubs = 9
     buggy = {  # student -> patches of the model answers, and the misconception the grader must name
         "recorder_output": (
             [("values = inputs[0].detach()[:, self.unit]", "values = output.detach()[:, self.unit]")],
@@ -459,4 +710,8 @@ class TestNbgraderCycle(CycleSuite):
         "cumulative_steps": (
             [("p.copy_(w - eta * gp)", "p.sub_(eta * gp)")],
             "steps taken one after the other: each from the previous point instead of from the starting weights"),
+        "recorder_on_output_layer": (
+            [("        sigmoid = [m for m in model if isinstance(m, nn.Sigmoid)][-1]", "        sigmoid = model[-1]")],
+            "the recorder is on the output layer - whose input is the last Sigmoid's output, in (0, 1) - instead of "
+            "on the last Sigmoid"),
     }
