@@ -167,7 +167,8 @@ def _symmetric_positive_definite(W: np.ndarray) -> str:
 def _run_whitening(fn, case):
     """``whitening_matrix(X[, method][, eps])``'s (W, mu) as comparable outputs.
 
-    Cholesky's W is unique and compared as it is. A PCA W is right exactly when
+    Cholesky's W is unique and compared as it is (so is a W with nan or inf, which the
+    products below would spread over every entry). A PCA W is right exactly when
     ``W.T @ W = Sigma_eps^-1`` (it whitens) and ``W @ W.T`` is diagonal with the inverse
     eigenvalues in ascending order (its rows are eigen-directions, largest variance
     first) - whatever the sign of each row, and whatever basis it picks inside the
@@ -183,7 +184,7 @@ def _run_whitening(fn, case):
     features = np.shape(d["X"])[1]
     square = isinstance(W, np.ndarray) and W.shape == (features, features)
     out = {"shape of W": str(np.shape(W))}
-    if method == "cholesky" or not square:
+    if method == "cholesky" or not square or not np.all(np.isfinite(W)):  # products would spread a nan
         out["W"] = W
     else:
         out["W @ W.T"] = W @ W.T

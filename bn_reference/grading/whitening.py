@@ -53,19 +53,25 @@ def _largest_entry_positive(W):
 def _whitening(X, method="zca", eps=1e-5, bugs=()):
     """whitening_matrix with switchable mistakes (``bugs``, a tuple of names; () is right).
     Returns (W, mu)."""
+    if "kessy" in bugs and method != "cholesky":
+        bugs = ()  # Kessy et al.'s form, with or without eps, is a Cholesky whitening's mistake
     X = np.asarray(X) if "input_dtype" in bugs else np.asarray(X, dtype=np.float64)
     m, d = X.shape
     if "fixed_eps" in bugs:
         eps = 1e-5
     mu = X.mean(axis=0)
     Xc = X if "uncentred" in bugs else X - mu
-    S = Xc.T @ Xc / (m - 1 if "unbiased" in bugs else m)
+    S = Xc.T @ Xc / (1 if "unnormalized" in bugs else m - 1 if "unbiased" in bugs else m)
+    if "global_mean" in bugs:  # the covariance still centres each feature (np.cov does)
+        mu = np.full(d, X.mean())
     if "standardize" in bugs:
         return np.diag(1.0 / np.sqrt(np.diag(S) + eps)), mu
     if {"eps_after_sqrt", "no_eps", "floor"} & set(bugs):
         S_eps = S + 0.0 * np.eye(d)
     elif "eps_everywhere" in bugs:
         S_eps = S + eps
+    elif "shrinkage" in bugs:
+        S_eps = (1 - eps) * S + eps * np.eye(d)
     else:
         S_eps = S + eps * np.eye(d)
     if method == "cholesky":
@@ -121,6 +127,29 @@ _NO_EPS = Misconception(
     "add eps * I to the covariance before the eigen-decomposition or the Cholesky factorization: it "
     "keeps W finite when the covariance is singular (m <= d, a constant feature).",
     partial(_whitening, bugs=("no_eps",)))
+
+_SHRINKAGE = Misconception(
+    "eps mixed in by shrinkage ((1 - eps) Sigma + eps I) instead of added (Sigma + eps I)",
+    "this notebook adds eps to the diagonal and leaves Sigma itself alone: Sigma_eps = Sigma + eps * np.eye(d). "
+    "Shrinking towards the identity, (1 - eps) * Sigma + eps * I, also scales every covariance by 1 - eps.",
+    partial(_whitening, bugs=("shrinkage",)))
+_UNNORMALIZED = Misconception(
+    "the covariance not divided by m (Xc.T @ Xc is m times Sigma)",
+    "Sigma is an average over the examples: Sigma = Xc.T @ Xc / m. Without the 1/m every eigenvalue is m times "
+    "too large and W is sqrt(m) times too small.",
+    partial(_whitening, bugs=("unnormalized",)))
+_GLOBAL_MEAN = Misconception(
+    "mu is the mean of the whole array (np.mean(X) without axis), one number for every feature",
+    "take the mean of each feature, over the examples: mu = X.mean(axis=0), shape (d,).",
+    partial(_whitening, bugs=("global_mean",)))
+_KESSY = Misconception(
+    "Kessy et al.'s Cholesky whitening (upper-triangular W = L^T with L L^T = Sigma^-1) instead of the "
+    "covariance Cholesky whitening",
+    "you computed Kessy et al.'s upper-triangular W (the Cholesky factor of the precision matrix, "
+    "transposed: chol(inv(Sigma_eps)).T). It whitens too, but this exercise asks for the covariance "
+    "Cholesky whitening: W = L^(-1) with Sigma_eps = L @ L.T and L = np.linalg.cholesky(Sigma_eps), "
+    "lower triangular.",
+    partial(_whitening, bugs=("kessy",)))
 
 WHITENING_CATALOGUE = [
     Misconception(
@@ -182,14 +211,10 @@ WHITENING_CATALOGUE = [
         "whitening divides each eigen-direction by its standard deviation sqrt(lambda), not by its "
         "variance: W = diag(lambda^(-1/2)) @ U.T (PCA), so that W @ Sigma_eps @ W.T = I.",
         partial(_whitening, bugs=("inverse",))),
-    Misconception(
-        "Kessy et al.'s Cholesky whitening (upper-triangular W = L^T with L L^T = Sigma^-1) instead of the "
-        "covariance Cholesky whitening",
-        "you computed Kessy et al.'s upper-triangular W (the Cholesky factor of the precision matrix, "
-        "transposed: chol(inv(Sigma_eps)).T). It whitens too, but this exercise asks for the covariance "
-        "Cholesky whitening: W = L^(-1) with Sigma_eps = L @ L.T and L = np.linalg.cholesky(Sigma_eps), "
-        "lower triangular.",
-        partial(_whitening, bugs=("kessy",))),
+    _KESSY,
+    _SHRINKAGE,
+    _UNNORMALIZED,
+    _GLOBAL_MEAN,
     Misconception(
         "computed in float32 (the input's dtype) instead of float64",
         "convert first: X = np.asarray(X, dtype=np.float64). In float32 the covariance keeps about 7 digits, "
@@ -200,6 +225,10 @@ WHITENING_CATALOGUE = [
     combined(_UNBIASED, _FIXED_EPS, partial(_whitening, bugs=("unbiased", "fixed_eps"))),
     combined(_UNBIASED, _EPS_AFTER_SQRT, partial(_whitening, bugs=("unbiased", "eps_after_sqrt"))),
     combined(_UNBIASED, _NO_EPS, partial(_whitening, bugs=("unbiased", "no_eps"))),
+    combined(_UNBIASED, _SHRINKAGE, partial(_whitening, bugs=("unbiased", "shrinkage"))),
+    combined(_GLOBAL_MEAN, _UNBIASED, partial(_whitening, bugs=("global_mean", "unbiased"))),
+    combined(_UNNORMALIZED, _NO_EPS, partial(_whitening, bugs=("unnormalized", "no_eps"))),
+    combined(_KESSY, _NO_EPS, partial(_whitening, bugs=("kessy", "no_eps"))),
 ]
 
 
@@ -496,6 +525,17 @@ def _correlated(rng, m, d, dtype=np.float64, scales=(0.5, 3.0)):
     return (rng.normal(size=(m, d)) @ mix.T + rng.uniform(-3, 3, size=d)).astype(dtype)
 
 
+def _with_spectrum(rng, m, lam):
+    """m examples whose biased covariance has exactly the eigenvalues ``lam`` (in random
+    directions), shifted by means in [-3, 3]."""
+    d = len(lam)
+    Z = rng.normal(size=(m, d))
+    Z -= Z.mean(axis=0)
+    Z = Z @ np.linalg.inv(np.linalg.cholesky(Z.T @ Z / m)).T   # biased covariance exactly I
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    return Z * np.sqrt(np.asarray(lam, dtype=np.float64)) @ q.T + rng.uniform(-3, 3, size=d)
+
+
 def _ill_conditioned(rng, m, d):
     """float32 data whose covariance has a condition number near 1e5 (standard deviations
     from 1 down to about 3e-3) and means near 10: float32 arithmetic loses 3 or more digits."""
@@ -512,12 +552,14 @@ def _whitening_case(label, X, method=None, eps=None):
 
 def _whitening_cases(hidden: bool):
     """The first case (ZCA with an eps between the covariance's eigenvalues) tells every entry
-    that shows on ZCA apart; the PCA and Cholesky ones follow."""
+    that shows on ZCA apart; the PCA and Cholesky ones follow on the same data."""
     rng = case_rng(hidden, 0)
-    X = _correlated(rng, 40 if hidden else 30, 3 if hidden else 4)
-    lam = np.linalg.eigvalsh(ref.covariance(X)[0])
-    between = float(f"{np.sqrt(lam[0] * lam[-1]):.2g}")  # a floor max(lambda, eps) changes some eigenvalues, not all
-    cases = [_whitening_case("", X, "zca", between), _whitening_case("", X, "pca", 0.05),
+    spectrum = [rng.uniform(2, 5), rng.uniform(0.8, 1.5), rng.uniform(0.4, 0.7), rng.uniform(0.05, 0.2)]
+    X = _with_spectrum(rng, 40 if hidden else 30, spectrum[1:] if hidden else spectrum)
+    # eps = 0.3 lies between the eigenvalues: a floor max(lambda, eps) changes only the smallest, and
+    # shrinkage (1 - eps) Sigma + eps I stays positive definite
+    cases = [_whitening_case(" (covariance eigenvalues on both sides of eps)", X, "zca", 0.3),
+             _whitening_case("", X, "pca", 0.05),
              _whitening_case("", X, "cholesky", 0.05), _whitening_case("", _correlated(rng, 50, 3), None),
              _whitening_case(" (a batch of 2: the covariance has rank 1)", _correlated(rng, 2, 2), "pca", 1e-3)]
     X = _correlated(rng, 12, 3)
