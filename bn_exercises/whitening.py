@@ -167,8 +167,7 @@ def _symmetric_positive_definite(W: np.ndarray) -> str:
 def _run_whitening(fn, case):
     """``whitening_matrix(X[, method][, eps])``'s (W, mu) as comparable outputs.
 
-    Cholesky's W is unique and compared as it is (so is a W with nan or inf, which the
-    products below would spread over every entry). A PCA W is right exactly when
+    Cholesky's W is unique and compared as it is. A PCA W is right exactly when
     ``W.T @ W = Sigma_eps^-1`` (it whitens) and ``W @ W.T`` is diagonal with the inverse
     eigenvalues in ascending order (its rows are eigen-directions, largest variance
     first) - whatever the sign of each row, and whatever basis it picks inside the
@@ -176,7 +175,8 @@ def _run_whitening(fn, case):
     ``W @ W.T = W.T @ W = Sigma_eps^-1`` and W is symmetric positive definite (the one
     symmetric positive square root). Comparing these rather than W lets a catalogue
     entry (PCA returned for ZCA, W transposed) match a learner whose rows have other
-    signs than the reference's."""
+    signs than the reference's. Where W has nan or inf entries, the products spread them over
+    every entry, so their positions are an output of their own."""
     d = case.data
     method = d["method"] or "zca"
     args = [d["X"]] + ([] if d["method"] is None else [d["method"]]) + ([] if d["eps"] is None else [d["eps"]])
@@ -184,9 +184,11 @@ def _run_whitening(fn, case):
     features = np.shape(d["X"])[1]
     square = isinstance(W, np.ndarray) and W.shape == (features, features)
     out = {"shape of W": str(np.shape(W))}
-    if method == "cholesky" or not square or not np.all(np.isfinite(W)):  # products would spread a nan
+    if method == "cholesky" or not square:
         out["W"] = W
     else:
+        bad = np.argwhere(~np.isfinite(W))
+        out["entries of W that are nan or inf"] = ", ".join(map(str, map(tuple, bad.tolist()))) or "none"
         out["W @ W.T"] = W @ W.T
         out["W.T @ W"] = W.T @ W
         if method == "zca":

@@ -635,6 +635,17 @@ def test_float32_arithmetic_fails_on_the_ill_conditioned_case():
     assert "W @ W.T" in str(failure.value)
 
 
+def test_a_nan_in_w_is_shown_where_it_is_not_spread_by_the_products():
+    def one_nan(X, method="zca", eps=1e-5):
+        W, mu = alt.whitening_matrix(X, method, eps)
+        W = W.copy()
+        W[0, 1] = np.nan
+        return W, mu
+    with pytest.raises(CheckFailed, match=r"entries of W that are nan or inf: expected 'none', got '\(0, 1\)'") as failure:
+        grading.check_whitening_matrix(one_nan)
+    assert failure.value.misconception is None
+
+
 def test_hidden_cases_keep_their_labels_hidden():
     with pytest.raises(CheckFailed) as failure:
         grading.check_whitening_matrix(grading.WHITENING_CATALOGUE[2].impl, hidden=True)
@@ -725,7 +736,7 @@ def test_benchmark_runs_and_draws():
     assert [r["d"] for r in rows] == [4, 8]
     assert all(set(r["seconds"]) == set(bench.VARIANTS) and min(r["seconds"].values()) > 0 for r in rows)
     assert all(r[k] > 0 for r in rows for k in bench.RATIOS)
-    assert "ZCA/BN forward+backward" in bench.format_table(rows)
+    assert "f+b ratio" in bench.format_table(rows)
     assert np.isfinite(bench.growth_exponent(rows, "ZCA forward"))
     cubic = [{"d": d, "seconds": {"ZCA forward": 2e-9 * d ** 3}} for d in (16, 32, 64, 128)]
     assert bench.growth_exponent(cubic, "ZCA forward") == pytest.approx(3.0)
