@@ -134,11 +134,11 @@ def plot(rows: list[dict]):
         axes[0].annotate(label, (dims[0], guide[0]), fontsize=8, color="gray", textcoords="offset points",
                          xytext=(2, 4))
     axes[0].set(ylabel="ms of CPU time per call", title=f"time per call, m = {rows[0]['m']}")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=9)
     for name, color in zip(RATIOS, ("tab:purple", "tab:green")):
         axes[1].loglog(dims, [r[name] for r in rows], marker="o", ms=3, color=color, label=name)
     axes[1].set(ylabel="ZCA time / BN time", title="how many times slower ZCA is")
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=9)
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xticks(dims, [str(int(d)) for d in dims])
