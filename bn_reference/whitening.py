@@ -14,15 +14,20 @@ conventions (the exercise notebook states them too):
   PCA  W = Lambda^{-1/2} U^T, each row's largest-magnitude entry made positive
   (scikit-learn's sign rule, sklearn.utils.extmath.svd_flip);
   ZCA  W = U Lambda^{-1/2} U^T = Sigma_eps^{-1/2} (symmetric);
-  Cholesky  W = L^{-1} with Sigma_eps = L L^T, L lower triangular.
+  covariance Cholesky  W = L^{-1} with Sigma_eps = L L^T, L lower triangular
+  (method ``"cholesky"``; Kessy et al.'s own Cholesky whitening is another one,
+  W = L_P^T with L_P L_P^T = Sigma_eps^{-1}, upper triangular:
+  ``kessy_cholesky_matrix``).
   Each is Q Sigma_eps^{-1/2} for an orthogonal Q (Kessy, Lewin & Strimmer 2018).
 * Whitening a row vector x is ``(x - mu) @ W.T``.
 
 Also here: BN's per-feature standardization as a (diagonal) whitening-like map,
 the gamma and beta that make BN the identity, the bias-drift simulation of the
-paper's Sec. 2, the sigmoid's near-linear region, and PyTorch versions of ZCA
-and PCA whitening for the cost benchmark and the derivative through the
-eigen-decomposition.
+paper's Sec. 2 and the exercise's experiment (the same drift with a whitening
+outside the gradient step, and the cost of whitening as d grows), the derivative
+of ZCA's matrix Sigma^{-1/2}, the sigmoid's near-linear region, and PyTorch
+versions of ZCA and PCA whitening for the cost benchmark and the derivative
+through the eigen-decomposition.
 """
 
 from __future__ import annotations
@@ -33,14 +38,19 @@ import torch
 from scipy.special import expit
 from scipy.stats import norm
 
+from bn_exercises.whitening import cost_data, cpu_time, drift_problem
+
 __all__ = [
     "METHODS",
     "covariance",
     "whitening_matrix",
+    "kessy_cholesky_matrix",
     "standardization_matrix",
     "whiten",
     "bn_identity_parameters",
     "bias_drift",
+    "whitening_experiment",
+    "zca_derivative",
     "sigmoid_tangent_gap",
     "sigmoid_linearity",
     "zca_whiten_torch",
@@ -107,7 +117,8 @@ def whitening_matrix(X, method: str = "zca", eps: float = 1e-5):
     * ``"pca"``: W = Lambda^{-1/2} U^T, rows in descending eigenvalue order, each
       row's largest-magnitude entry positive;
     * ``"zca"``: W = U Lambda^{-1/2} U^T = Sigma_eps^{-1/2};
-    * ``"cholesky"``: W = L^{-1}, Sigma_eps = L L^T with L lower triangular.
+    * ``"cholesky"``: W = L^{-1}, Sigma_eps = L L^T with L lower triangular (the
+      covariance Cholesky whitening; ``kessy_cholesky_matrix`` is Kessy et al.'s).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}.")
@@ -125,6 +136,20 @@ def whitening_matrix(X, method: str = "zca", eps: float = 1e-5):
         return U @ W, mu                              # U Lambda^{-1/2} U^T
     rows = np.arange(d)
     return W * np.sign(W[rows, np.argmax(np.abs(W), axis=1)])[:, None], mu
+
+
+def kessy_cholesky_matrix(X, eps: float = 1e-5):
+    """Kessy, Lewin & Strimmer's (2018) Cholesky whitening of X (m, d): ``(W (d, d), mu (d,))``
+    with W = L_P^T, where L_P L_P^T = Sigma_eps^{-1} (the Cholesky factor of the precision
+    matrix, as Strimmer's R package ``whitening`` computes it: chol(solve(Sigma))). W is
+    upper triangular; it whitens as every Q Sigma_eps^{-1/2} does, but it is not the
+    covariance Cholesky whitening L^{-1} of ``whitening_matrix(X, "cholesky")``."""
+    eps = _check_eps(eps)
+    S, mu = covariance(X)
+    S_eps = S + eps * np.eye(S.shape[0])
+    lam, _ = _eigh_descending(S_eps)
+    _require_positive_definite(lam, eps, S)
+    return np.linalg.cholesky(np.linalg.inv(S_eps)).T, mu
 
 
 def standardization_matrix(X, eps: float = 1e-5):
@@ -208,6 +233,75 @@ def bias_drift(u, b0, lr: float, steps: int, inside: bool, target=1.0):
             dx = dx_hat - dx_hat.mean(axis=0) if inside else dx_hat
             b_history[k + 1] = b_history[k] - lr * dx.sum(axis=0)
     return b_history, loss_history
+
+
+def _drift_under_whitening(u, t, lr: float, steps: int, learn_beta: bool):
+    """Gradient descent on the bias b of a ZCA-whitening layer whose statistics are
+    recomputed from the current x = u + b at every step but left out of the gradient:
+    z = W (x - mu) with (W, mu) = whitening_matrix(x), loss 1/(2m) sum_i ||z_i + beta - t||^2,
+    dl/db = W^T sum_i dl/dz_i (W and mu constants), dl/dbeta = sum_i dl/dz_i; beta stays 0
+    unless ``learn_beta``. Returns ``(b_history (steps + 1, d), loss_history (steps + 1,))``."""
+    m, d = u.shape
+    b, beta = np.zeros(d), np.zeros(d)
+    bs, losses = np.empty((steps + 1, d)), np.empty(steps + 1)
+    for k in range(steps + 1):
+        x = u + b
+        W, mu = whitening_matrix(x)
+        residual = whiten(x, W, mu) + beta - t            # dl/dz_i = residual_i / m
+        bs[k], losses[k] = b, 0.5 * np.sum(residual ** 2) / m
+        if k < steps:
+            grad_z = residual.sum(axis=0) / m             # sum_i dl/dz_i
+            b = b - lr * W.T @ grad_z
+            if learn_beta:
+                beta = beta - lr * grad_z
+    return bs, losses
+
+
+def whitening_experiment(seed: int, steps: int = 100, lr: float = 0.5, dims=(16, 64, 256), m: int = 256) -> dict:
+    """The exercise's experiment, on ``drift_problem(seed)`` and ``cost_data(seed, m, d)``:
+
+    * the Sec. 2 drift with a ZCA whitening outside the gradient step
+      (``_drift_under_whitening``), without and with a learned beta: ``b``, ``loss``,
+      ``b_beta``, ``loss_beta``, and ``W``, the whitening matrix of the last step without beta.
+      Without beta, z does not depend on b, so every step adds lr W^T t to b and the loss
+      never moves; with beta, beta -> t and b settles;
+    * the CPU time (``cpu_time``, one BLAS thread) of whitening an (m, d) batch
+      (``whitening_matrix`` and ``whiten``) and of standardizing it (BN's x_hat, biased
+      variance, eps = 1e-5) for each d in ``dims``: ``d``, ``whitening_ms``,
+      ``standardization_ms``.
+    """
+    u, t = drift_problem(seed)
+    results = {}
+    for suffix, learn_beta in (("", False), ("_beta", True)):
+        results["b" + suffix], results["loss" + suffix] = _drift_under_whitening(u, t, lr, steps, learn_beta)
+    results["W"] = whitening_matrix(u + results["b"][-1])[0]
+    results["d"], results["whitening_ms"], results["standardization_ms"] = list(dims), [], []
+    for d in dims:
+        X = cost_data(seed, m, d)
+        results["whitening_ms"].append(1e3 * cpu_time(lambda: whiten(X, *whitening_matrix(X))))
+        results["standardization_ms"].append(1e3 * cpu_time(lambda: (X - X.mean(axis=0)) / np.sqrt(X.var(axis=0) + 1e-5)))
+    return results
+
+
+def zca_derivative(sigma, d_sigma):
+    """The change dW of ZCA's matrix W = sigma^{-1/2} when the symmetric positive definite
+    ``sigma`` (d, d) moves by the symmetric ``d_sigma`` (d, d), to first order.
+
+    With sigma = U Lambda U^T, dW = U (K * (U^T dSigma U)) U^T (the Daleckii-Krein formula
+    for a function of a symmetric matrix; Ionescu et al. 2015), where K holds the divided
+    differences of f(lambda) = lambda^{-1/2}: K_ij = (f(lambda_i) - f(lambda_j)) / (lambda_i -
+    lambda_j) = -1 / (s_i s_j (s_i + s_j)) with s = sqrt(lambda), and K_ii = f'(lambda_i) =
+    -1/2 lambda_i^{-3/2}, the same expression. The eigenvectors' 1 / (lambda_i - lambda_j)
+    cancels: K stays finite, and is computed without cancellation, when eigenvalues meet."""
+    S, dS = np.asarray(sigma, dtype=np.float64), np.asarray(d_sigma, dtype=np.float64)
+    if S.ndim != 2 or S.shape[0] != S.shape[1] or dS.shape != S.shape:
+        raise ValueError(f"sigma and d_sigma must be square matrices of one shape, got {S.shape} and {dS.shape}.")
+    lam, U = np.linalg.eigh(S)
+    if lam[0] <= 0:
+        raise ValueError(f"sigma must be positive definite, its smallest eigenvalue is {lam[0]:.3g}.")
+    s = np.sqrt(lam)
+    K = -1.0 / (np.outer(s, s) * (s[:, None] + s[None, :]))
+    return U @ (K * (U.T @ dS @ U)) @ U.T
 
 
 def sigmoid_tangent_gap(a: float):

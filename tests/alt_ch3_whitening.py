@@ -1,7 +1,8 @@
 """A second correct Chapter 3 implementation, written differently from the
 reference (the SVD of the centred data instead of the covariance's
 eigen-decomposition, SciPy's matrix square root and triangular solve, einsum,
-a loop over channels, the centring's Jacobian), that every check must accept."""
+a loop over channels, the centring's Jacobian, a Sylvester equation for the
+derivative), that every check must accept."""
 
 import numpy as np
 import scipy.linalg
@@ -56,3 +57,43 @@ def bias_drift(u, b0, lr, steps, inside, target=1.0):
             b = b - lr * np.ones(m) @ (path.T @ ((x_hat - target) / m))
             bs.append(b.copy())
     return np.stack(bs), np.array(losses)
+
+
+def whitening_experiment(seed, steps=100, lr=0.5, dims=(16, 64, 256), m=256):
+    """With this module's own whitening: the upstream gradient summed with einsum and b's step
+    written as a row vector times W (upstream @ W = W^T upstream), the loss as a mean of
+    per-example squared norms; the timings with the course's cpu_time."""
+    from bn_exercises.whitening import cost_data, cpu_time, drift_problem
+
+    u, t = drift_problem(seed)
+    m_u = len(u)
+    out = {}
+    for name, learn in (("", False), ("_beta", True)):
+        b, beta = np.zeros(u.shape[1]), np.zeros(u.shape[1])
+        history, losses = [b], []
+        for k in range(steps + 1):
+            W, mu = whitening_matrix(u + b, "zca", 1e-5)
+            z = whiten(u + b, W, mu)
+            losses.append(np.mean(np.sum((z + beta - t) ** 2, axis=1)) / 2)
+            if k == steps:
+                break
+            upstream = np.einsum("ij->j", z + beta - t) / m_u
+            b, beta = b - lr * upstream @ W, (beta - lr * upstream if learn else beta)
+            history.append(b)
+        out["b" + name], out["loss" + name] = np.stack(history), np.asarray(losses)
+        out.setdefault("W", W)
+    out["d"], out["whitening_ms"], out["standardization_ms"] = list(dims), [], []
+    for d in dims:
+        X = cost_data(seed, m, d)
+        out["whitening_ms"].append(1000 * cpu_time(lambda: whiten(X, *whitening_matrix(X))))
+        out["standardization_ms"].append(1000 * cpu_time(lambda: (X - X.mean(0)) / np.sqrt(X.var(0) + 1e-5)))
+    return out
+
+
+def zca_derivative(sigma, d_sigma):
+    """Through the square root R = sigma^(1/2): R dR + dR R = dSigma (a Sylvester equation,
+    well posed since R's eigenvalues are positive), and W = R^(-1) gives dW = -W dR W."""
+    R = np.real(scipy.linalg.sqrtm(np.asarray(sigma, dtype=np.float64)))
+    dR = scipy.linalg.solve_sylvester(R, R, np.asarray(d_sigma, dtype=np.float64))
+    W = np.linalg.inv(R)
+    return -W @ dR @ W

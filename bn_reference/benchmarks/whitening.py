@@ -10,13 +10,12 @@ Both sides are written with the same plain tensor operations
 ``batchnorm_torch``), so the comparison is between the algorithms: O(m d^2) for
 the covariance plus O(d^3) for its eigen-decomposition, against O(m d).
 
-Method: for each d all four variants are measured in the same run, interleaved
-(repeat r times each variant once, in a rotating order), so that a change in
-machine load hits all of them alike; each timing is the mean of enough calls to
-last a few milliseconds (``time.perf_counter``), after a warm-up call, and the
-reported time is the median over the repeats. Ratios compare medians. PyTorch
-runs on one thread by default, so that the comparison is between algorithms,
-not core counts (``--torch-threads`` changes it).
+Method: each variant is timed with :func:`bn_exercises.whitening.cpu_time` - the
+median over the repeats of the process's CPU time per call, BLAS pinned to one thread
+- the helper the exercise's learners time their own whitening with; PyTorch runs on
+one intra-op thread by default (``--torch-threads`` changes it), so that the
+comparison is between algorithms, not core counts, and a busy machine changes it
+little. Ratios compare medians.
 """
 
 from __future__ import annotations
@@ -27,7 +26,9 @@ import platform
 import numpy as np
 import torch
 
-from . import intra_op_threads, median_times, text_table
+from bn_exercises.whitening import cpu_time
+
+from . import intra_op_threads, text_table
 from .. import whitening as ref
 
 __all__ = ["VARIANTS", "RATIOS", "FULL", "QUICK", "run", "format_table", "plot", "main"]
@@ -78,7 +79,7 @@ def run(m: int = FULL["m"], dims=FULL["dims"], repeats: int = FULL["repeats"], s
     with intra_op_threads(torch_threads):
         rows = []
         for d in dims:
-            seconds = median_times(_variants(m, d, seed), repeats)
+            seconds = {name: cpu_time(fn, repeats) for name, fn in _variants(m, d, seed).items()}
             row = {"m": m, "d": d, "torch_threads": torch.get_num_threads(), "seconds": seconds}
             row.update({name: seconds[a] / seconds[b] for name, (a, b) in RATIOS.items()})
             rows.append(row)
@@ -95,12 +96,18 @@ def growth_exponent(rows: list[dict], variant: str, points: int = 3) -> float:
     return float(np.polyfit(logs[:, 0], logs[:, 1], 1)[0])
 
 
+#: Short column names for the table (it must fit a book page's column).
+_SHORT = {"ZCA forward": "ZCA fwd", "BN forward": "BN fwd", "ZCA forward+backward": "ZCA f+b",
+          "BN forward+backward": "BN f+b", "ZCA/BN forward": "fwd ratio", "ZCA/BN forward+backward": "f+b ratio"}
+
+
 def format_table(rows: list[dict]) -> str:
-    """The rows as a text table: milliseconds per call and the two ratios."""
-    head = ["m x d", *(f"{v} ms" for v in VARIANTS), *RATIOS]
-    lines = [[f"{r['m']} x {r['d']}", *(f"{1e3 * r['seconds'][v]:.3f}" for v in VARIANTS),
+    """The rows as a text table: milliseconds per call (fwd: forward, f+b: forward +
+    backward) and the two ZCA/BN ratios."""
+    head = ["d", *(f"{_SHORT[v]} ms" for v in VARIANTS), *(_SHORT[k] for k in RATIOS)]
+    lines = [[str(r["d"]), *(f"{1e3 * r['seconds'][v]:.3f}" for v in VARIANTS),
               *(f"{r[k]:.0f}" if r[k] >= 10 else f"{r[k]:.1f}" for k in RATIOS)] for r in rows]
-    return text_table(head, lines)
+    return f"m = {rows[0]['m']}, ZCA/BN ratios of CPU time\n" + text_table(head, lines)
 
 
 def _environment(rows: list[dict]) -> str:
@@ -110,12 +117,12 @@ def _environment(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict]):
-    """Two panels: time per call against d (log-log, with d and d^3 guide lines), and the
-    ZCA/BN ratios against d. Returns the Figure."""
+    """Two panels, one above the other: CPU time per call against d (log-log, with d and d^3
+    guide lines), and the ZCA/BN ratios against d. Returns the Figure."""
     import matplotlib.pyplot as plt
 
     dims = np.array([r["d"] for r in rows], dtype=float)
-    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.9))
+    fig, axes = plt.subplots(2, 1, figsize=(8, 7.2))
     styles = {"ZCA forward": ("tab:red", "--"), "BN forward": ("tab:blue", "--"),
               "ZCA forward+backward": ("tab:red", "-"), "BN forward+backward": ("tab:blue", "-")}
     for v in VARIANTS:
@@ -126,18 +133,18 @@ def plot(rows: list[dict]):
         axes[0].loglog(dims, guide, ":", color="gray", lw=1)
         axes[0].annotate(label, (dims[0], guide[0]), fontsize=8, color="gray", textcoords="offset points",
                          xytext=(2, 4))
-    axes[0].set(ylabel="ms per call", title=f"time per call, m = {rows[0]['m']}")
-    axes[0].legend(fontsize=7)
+    axes[0].set(ylabel="ms of CPU time per call", title=f"time per call, m = {rows[0]['m']}")
+    axes[0].legend(fontsize=9)
     for name, color in zip(RATIOS, ("tab:purple", "tab:green")):
         axes[1].loglog(dims, [r[name] for r in rows], marker="o", ms=3, color=color, label=name)
     axes[1].set(ylabel="ZCA time / BN time", title="how many times slower ZCA is")
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=9)
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xticks(dims, [str(int(d)) for d in dims])
         ax.minorticks_off()
         ax.set_xlabel("d (features)")
-    fig.suptitle(f"ZCA whitening vs BN, same tensor operations ({_environment(rows)})", fontsize=9)
+    fig.suptitle(f"ZCA whitening vs BN, same tensor operations\n({_environment(rows)})", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -149,7 +156,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     setting = QUICK if args.quick else FULL
     rows = run(**setting, torch_threads=args.torch_threads)
-    print(f"ZCA whitening vs batch normalization, median of {setting['repeats']} interleaved repeats; "
+    print(f"ZCA whitening vs batch normalization, median CPU time of {setting['repeats']} repeats; "
           f"{_environment(rows)}")
     print(format_table(rows))
     print(f"growth over the three largest d: ZCA forward+backward ~ d^{growth_exponent(rows, 'ZCA forward+backward'):.1f}, "
