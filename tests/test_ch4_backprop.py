@@ -503,6 +503,33 @@ def test_hidden_cases_keep_their_labels_hidden():
     assert "hidden case" in str(failure.value) and "shape" not in str(failure.value).split("\n")[0]
 
 
+def test_the_visible_numerical_gradient_cases_compute_no_batch_norm():
+    """The learner package ships the visible cases' functions: none of them may be the BN
+    forward pass the exercise asks for. The grader's hidden cases use it."""
+    from bn_reference.grading import record
+
+    def functions(hidden):
+        calls = []
+        token = record._recording.set(calls)
+        try:
+            grading.check_numerical_gradient(None, hidden=hidden)
+        finally:
+            record._recording.reset(token)
+        return [getattr(c.data["f"], "func", c.data["f"]) for c in calls[0]["cases"]]
+
+    assert set(functions(False)) <= set(learner.CASE_HELPERS.values())
+    assert grading._bn_output in functions(True)
+
+
+def test_the_case_helpers_match_their_oracles():
+    import scipy.special
+
+    x = np.random.default_rng(8).normal(size=(5, 3))
+    np.testing.assert_allclose(learner._softmax_over_batch(x, 1.5), scipy.special.softmax(1.5 * x, axis=0), rtol=1e-14)
+    np.testing.assert_allclose(learner._tanh_linear(x, np.eye(3)), np.tanh(x), rtol=1e-15)
+    np.testing.assert_allclose(learner._tanh_scaled(x, 2.0), np.tanh(2 * x), rtol=1e-15)
+
+
 # --- the graded experiment -------------------------------------------------------
 
 def test_softmax_cross_entropy_matches_torch():

@@ -718,8 +718,13 @@ def _rel_error_cases(hidden: bool):
         a = rng.normal(size=shape)
         b = a * (1 + 1e-6 * rng.normal(size=shape))
         cases.append(Case(f"a and b of shape {shape} that agree to about 1e-6", {"a": a, "b": b}))
-    a = np.array([100.0, -3.0, 1e-3, 0.0, 2.0])
-    b = np.array([100.5, -3.0, 2e-3, 0.0, 2.0])
+    if hidden:  # the same edge cases as the visible ones, with other values
+        big, small, other = rng.uniform(50, 200), rng.uniform(1e-4, 1e-2), rng.uniform(1, 5, size=2)
+        a = np.array([big, -other[0], small, 0.0, other[1]])
+        b = np.array([big * (1 + rng.uniform(2e-3, 1e-2)), -other[0], 2 * small, 0.0, other[1]])
+    else:
+        a = np.array([100.0, -3.0, 1e-3, 0.0, 2.0])
+        b = np.array([100.5, -3.0, 2e-3, 0.0, 2.0])
     cases.append(Case("a = [100, -3, 1e-3, 0, 2], b = [100.5, -3, 2e-3, 0, 2] (one small entry is far off)",
                       {"a": a, "b": b}))
     a = rng.normal(size=6)
@@ -727,8 +732,9 @@ def _rel_error_cases(hidden: bool):
     b = a + 1e-3 * rng.normal(size=6)
     b[[1, 4]] = 0.0
     cases.append(Case("a and b of shape (6,), both 0 at the same two places", {"a": a, "b": b}))
+    near_zero, ends = (rng.uniform(1e-5, 1e-3), rng.uniform(1, 5, size=2) * [1, -1]) if hidden else (1e-4, [3.0, -2.0])
     cases.append(Case("a = [3, 1e-4, -2], b = [3, -1e-4, -2] (an entry near 0 with opposite signs)",
-                      {"a": np.array([3.0, 1e-4, -2.0]), "b": np.array([3.0, -1e-4, -2.0])}))
+                      {"a": np.array([ends[0], near_zero, ends[1]]), "b": np.array([ends[0], -near_zero, ends[1]])}))
     if hidden:
         cases.append(Case("a = [0, 1], b = [1e-3, 1] (a is 0 where b is not)",
                           {"a": np.array([0.0, 1.0]), "b": np.array([1e-3, 1.0])}))
