@@ -17,26 +17,34 @@ either against central differences. For convolutional feature maps (N, C, H, W),
 ``spatial_batchnorm_forward`` and ``spatial_batchnorm_backward`` normalize each
 channel over (N, H, W) (the paper's Sec. 3.2): the same formulas with N*H*W
 values per channel.
+
+``backprop_experiment`` trains a small network with BN on scikit-learn's digits
+three times from the same start on the same mini-batches - with the NumPy backward
+pass, with the backward pass that treats mu and sigma as constants
+(``constant_statistics_backward``), and with PyTorch's autograd - and returns the
+three loss curves: the exercise's graded experiment.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from bn_exercises.backprop import CACHE_KEYS, digits_data, init_mlp, minibatches, softmax_cross_entropy
+
 __all__ = [
     "CACHE_KEYS",
     "batchnorm_forward",
     "batchnorm_backward",
     "batchnorm_backward_compact",
+    "constant_statistics_backward",
     "spatial_batchnorm_forward",
     "spatial_batchnorm_backward",
     "numerical_gradient",
     "rel_error",
+    "mlp_losses_numpy",
+    "mlp_losses_autograd",
+    "backprop_experiment",
 ]
-
-#: The keys of the cache ``batchnorm_forward`` returns, which both backward
-#: functions read: x_centered and x_hat (N, D); mu, var, inv_std (D,); gamma; eps.
-CACHE_KEYS = ("x_centered", "x_hat", "mu", "var", "inv_std", "gamma", "eps")
 
 
 def batchnorm_forward(x, gamma, beta, eps: float = 1e-5):
@@ -115,6 +123,16 @@ def batchnorm_backward_compact(dout, cache):
     dgamma, dbeta = _param_grads(dout, x_hat)
     dx = (gamma * inv_std / n) * (n * dout - dbeta - x_hat * dgamma)
     return dx, dgamma, dbeta
+
+
+def constant_statistics_backward(dout, cache):
+    """The wrong backward pass that treats mu and sigma as constants: dx = gamma * dout / sigma
+    (only the path through x_hat), with the right dgamma and dbeta. It is the gradient of
+    a layer that normalizes with statistics computed outside the gradient step (paper,
+    Sec. 2)."""
+    dout = _check_dout(dout, cache)
+    dgamma, dbeta = _param_grads(dout, cache["x_hat"])
+    return cache["gamma"] * cache["inv_std"] * dout, dgamma, dbeta
 
 
 def _channels_last(a: np.ndarray) -> np.ndarray:
@@ -200,3 +218,68 @@ def rel_error(a, b) -> float:
     if a.shape != b.shape:
         raise ValueError(f"a and b must have the same shape, got {a.shape} and {b.shape}.")
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(a) + np.abs(b), 1e-8)))
+
+
+# --------------------------------------------------------------------------
+# The graded experiment: a small network trained with the backward pass above
+
+_PARAMETERS = ("W1", "gamma", "beta", "W2", "b2")
+
+
+def mlp_losses_numpy(params, X, y, batches, lr: float, backward=batchnorm_backward_compact, eps: float = 1e-5):
+    """SGD on scores = relu(BN(X[b] @ W1)) @ W2 + b2 with the mean cross-entropy, in NumPy.
+
+    ``params`` is ``init_mlp``'s dict (left unchanged), ``batches`` a list of index
+    arrays into X (n, 64) and y (n,); ``backward(dout, cache)`` is BN's backward pass.
+    Every step records the loss of its batch, then updates every parameter by
+    ``-lr`` times its gradient. Returns the losses, shape (len(batches),).
+    """
+    p = {k: np.array(params[k], dtype=np.float64) for k in _PARAMETERS}
+    losses = []
+    for index in batches:
+        xb = X[index]
+        normalized, cache = batchnorm_forward(xb @ p["W1"], p["gamma"], p["beta"], eps)
+        active = normalized > 0
+        hidden = normalized * active
+        loss, dscores = softmax_cross_entropy(hidden @ p["W2"] + p["b2"], y[index])
+        losses.append(loss)
+        dnormalized = (dscores @ p["W2"].T) * active
+        dh, dgamma, dbeta = backward(dnormalized, cache)
+        grads = {"W1": xb.T @ dh, "gamma": dgamma, "beta": dbeta, "W2": hidden.T @ dscores, "b2": dscores.sum(axis=0)}
+        p = {k: p[k] - lr * grads[k] for k in _PARAMETERS}
+    return np.array(losses)
+
+
+def mlp_losses_autograd(params, X, y, batches, lr: float, eps: float = 1e-5):
+    """``mlp_losses_numpy`` with PyTorch: ``F.batch_norm`` in training mode, ``F.cross_entropy``
+    and autograd, in float64, from the same ``params`` (left unchanged). Returns the losses."""
+    import torch
+    import torch.nn.functional as F
+
+    p = {k: torch.tensor(params[k], dtype=torch.float64, requires_grad=True) for k in _PARAMETERS}
+    X, y = torch.as_tensor(X, dtype=torch.float64), torch.as_tensor(y)
+    losses = []
+    for index in batches:
+        index = torch.as_tensor(index)
+        h = F.batch_norm(X[index] @ p["W1"], None, None, p["gamma"], p["beta"], training=True, eps=eps)
+        loss = F.cross_entropy(torch.relu(h) @ p["W2"] + p["b2"], y[index])
+        losses.append(loss.item())
+        grads = torch.autograd.grad(loss, [p[k] for k in _PARAMETERS])
+        with torch.no_grad():
+            for k, g in zip(_PARAMETERS, grads):
+                p[k] -= lr * g
+    return np.array(losses)
+
+
+def backprop_experiment(seed: int, n_steps: int = 300, batch_size: int = 32, lr: float = 0.5) -> dict:
+    """The network of ``init_mlp(seed)`` trained on the digits for ``n_steps`` SGD steps on
+    ``minibatches(seed, 1797, batch_size, n_steps)``, three times from the same start:
+    {"numpy": the compact backward pass, "constant statistics":
+    ``constant_statistics_backward``, "autograd": PyTorch}, each a (n_steps,) array of
+    losses."""
+    X, y = digits_data()
+    params = init_mlp(seed)
+    batches = minibatches(seed, len(X), batch_size, n_steps)
+    return {"numpy": mlp_losses_numpy(params, X, y, batches, lr),
+            "constant statistics": mlp_losses_numpy(params, X, y, batches, lr, constant_statistics_backward),
+            "autograd": mlp_losses_autograd(params, X, y, batches, lr)}

@@ -1,7 +1,9 @@
 """A second correct Chapter 4 implementation, written differently from the
 reference (feature-by-feature forward, the paper's Sec. 3 equations, the
 per-feature Jacobian, perturbations built from an identity matrix, the spatial
-case by reshaping to 2-D as CS231n does), that every check must accept."""
+case by reshaping to 2-D as CS231n does, and an experiment whose autograd run is built
+from nn.Linear / nn.BatchNorm1d modules with torch.optim.SGD, whose NumPy runs use the
+staged backward and a cross-entropy of their own), that every check must accept."""
 
 import numpy as np
 
@@ -67,3 +69,68 @@ def spatial_batchnorm_backward(dout, cache):
     dx, dgamma, dbeta = batchnorm_backward(flat(dout), {**cache, "x_hat": flat(cache["x_hat"]),
                                                          "x_centered": flat(cache["x_centered"])})
     return dx.reshape(n, h, w, c).transpose(0, 3, 1, 2), dgamma, dbeta
+
+
+def _constant_statistics_backward(dout, cache):
+    """dx as if mu and sigma were fixed numbers: only the path through x_hat."""
+    dx = dout * cache["gamma"] / np.sqrt(cache["var"] + cache["eps"])
+    return dx, np.einsum("nd,nd->d", dout, cache["x_hat"]), dout.sum(0)
+
+
+def _train_numpy(params, X, y, batches, lr, backward):
+    """The staged backward, a log-sum-exp cross-entropy written here, ReLU by np.where."""
+    W1, gamma, beta, W2, b2 = (np.copy(params[k]) for k in ("W1", "gamma", "beta", "W2", "b2"))
+    losses = []
+    for idx in batches:
+        inputs, labels = X[idx], y[idx]
+        bn_out, cache = batchnorm_forward(inputs @ W1, gamma, beta)
+        relu = np.where(bn_out > 0, bn_out, 0.0)
+        logits = relu @ W2 + b2
+        top = logits.max(axis=1, keepdims=True)
+        log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+        losses.append(float(np.mean(log_norm - logits[np.arange(len(labels)), labels])))
+        dlogits = np.exp(logits - log_norm[:, None])
+        dlogits[np.arange(len(labels)), labels] -= 1
+        dlogits /= len(labels)
+        dbn = np.where(bn_out > 0, dlogits @ W2.T, 0.0)
+        dpre, dgamma, dbeta = backward(dbn, cache)
+        W2, b2 = W2 - lr * (relu.T @ dlogits), b2 - lr * dlogits.sum(axis=0)
+        W1, gamma, beta = W1 - lr * (inputs.T @ dpre), gamma - lr * dgamma, beta - lr * dbeta
+    return losses
+
+
+def _train_autograd(params, X, y, batches, lr):
+    """nn.Linear / nn.BatchNorm1d modules in float64, torch.optim.SGD."""
+    import torch
+    from torch import nn
+
+    hidden = params["W1"].shape[1]
+    model = nn.Sequential(nn.Linear(64, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+                          nn.Linear(hidden, 10)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.from_numpy(params["W1"].T))
+        model[1].weight.copy_(torch.from_numpy(params["gamma"]))
+        model[1].bias.copy_(torch.from_numpy(params["beta"]))
+        model[3].weight.copy_(torch.from_numpy(params["W2"].T))
+        model[3].bias.copy_(torch.from_numpy(params["b2"]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    inputs, labels = torch.from_numpy(X), torch.from_numpy(y)
+    losses = []
+    for idx in batches:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs[idx]), labels[idx])
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def backprop_experiment(seed, n_steps=300, batch_size=32, lr=0.5):
+    from bn_exercises.backprop import digits_data, init_mlp, minibatches
+
+    X, y = digits_data()
+    params = init_mlp(seed)
+    batches = minibatches(seed, len(X), batch_size, n_steps)
+    return {"autograd": _train_autograd(params, X, y, batches, lr),
+            "numpy": _train_numpy(params, X, y, batches, lr, batchnorm_backward),
+            "constant statistics": _train_numpy(params, X, y, batches, lr, _constant_statistics_backward)}

@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 import alt_ch4_backprop as alt
+import bn_exercises.backprop as learner
 import nbformat
 from chapter_suite import CatalogueSuite, CycleSuite
 from bn_reference import backprop as ref
 from bn_reference.benchmarks import backprop as bench
-from bn_reference.grading import INPUT_CHANGED, CheckFailed
+from bn_reference.grading import ALSO, INPUT_CHANGED, CheckFailed
 from bn_reference.grading import backprop as grading
 
 matplotlib.use("Agg")
@@ -312,7 +313,7 @@ def test_cache_holds_the_documented_keys():
     np.testing.assert_allclose(cache["inv_std"], 1 / np.sqrt(x.var(axis=0) + 1e-3))
     np.testing.assert_allclose(cache["x_centered"], x - x.mean(axis=0))
     assert cache["eps"] == 1e-3
-    assert grading._CACHE_KEYS == ref.CACHE_KEYS  # the checks' own copy (run cannot read the reference)
+    assert ref.CACHE_KEYS is learner.CACHE_KEYS  # one definition, in the learner package the checks run from
 
 
 @pytest.mark.parametrize("call, message", [
@@ -348,10 +349,12 @@ class TestGrading(CatalogueSuite):
         "spatial_batchnorm_backward": grading.check_spatial_batchnorm_backward,
         "numerical_gradient": grading.check_numerical_gradient,
         "rel_error": grading.check_rel_error,
+        "backprop_experiment": grading.check_backprop_experiment,
     }
     catalogue = grading.CATALOGUE
     alt = alt
     reference = ref
+    learner = learner
 
 
 
@@ -404,28 +407,54 @@ def test_compact_backward_with_a_python_loop_is_refused(impl, what):
     grading.check_batchnorm_backward(impl)  # correct values ...
     with pytest.raises(CheckFailed, match=what) as failure:  # ... but not the closed form
         grading.check_batchnorm_backward_compact(impl)
-    assert failure.value.misconception == grading.LOOP_MISCONCEPTION
+    assert failure.value.misconception == learner.LOOP_MISCONCEPTION
 
 
 def test_the_loop_check_reads_compiled_code_so_it_needs_no_source():
     source = "def compact(dout, cache):\n    i = 0\n    while i < 0:\n        i += 1\n    return dout, dout, dout\n"
     namespace = {}
     exec(compile(source, "<no file>", "exec"), namespace)  # inspect.getsource would fail on it
-    assert grading._python_loop(namespace["compact"]) == "a while loop"
-    assert grading._python_loop(alt.batchnorm_backward_compact) is None
-    assert grading._python_loop(ref.batchnorm_backward_compact) is None
+    assert learner._python_loop(namespace["compact"]) == "a while loop"
+    assert learner._python_loop(alt.batchnorm_backward_compact) is None
+    assert learner._python_loop(ref.batchnorm_backward_compact) is None
 
 
-def test_every_wrong_output_is_reported_and_the_first_one_named():
+def test_every_wrong_output_is_reported_and_two_unrelated_mistakes_get_no_name():
+    """dgamma and dbeta of shape (1, D) and dx without gamma: no entry reproduces all three
+    wrong outputs, so none is named (a wrong name is worse than none), and all are listed,
+    the shape mismatches first."""
     def keepdims_and_no_gamma(dout, cache):
         dx, dgamma, dbeta = alt.batchnorm_backward(dout, {**cache, "gamma": np.ones_like(cache["gamma"])})
         return dx, dgamma[None, :], dbeta[None, :]
     with pytest.raises(CheckFailed) as failure:
         grading.check_batchnorm_backward(keepdims_and_no_gamma)
     message = str(failure.value)
-    assert failure.value.misconception == "dx is missing the factor gamma"
-    assert "- dx:" in message and "- dgamma: expected shape (4,), got shape (1, 4)" in message \
-        and "- dbeta: expected shape (4,), got shape (1, 4)" in message
+    assert failure.value.misconception is None and "known mistake" not in message
+    assert message.index("- dgamma: expected shape (4,), got shape (1, 4)") < message.index("- dx:")
+    assert "- dbeta: expected shape (4,), got shape (1, 4)" in message
+
+
+@pytest.mark.parametrize("task, names", [
+    ("batchnorm_forward", ("unbiased (N-1) batch variance in the forward pass", "eps added outside the square root")),
+    ("batchnorm_forward", ("unbiased (N-1) batch variance in the forward pass",
+                           "the eps argument is ignored (a fixed 1e-5 is used)")),
+    ("batchnorm_backward", ("the path through the variance is missing its 1/N",
+                            "the path through the mean is missing its 1/N")),
+])
+def test_realistic_pairs_of_mistakes_are_named_together(task, names):
+    """A learner who makes two mistakes at once is told both (the entries combined), and the
+    class report can count each; a learner who makes one of them is told that one alone."""
+    entry = next(m for m in grading.CATALOGUE[task] if all(n in m.name for n in names) and ALSO in m.name)
+    check = TestGrading.checks[task]
+    for side in (check, getattr(learner, check.__name__)):
+        with pytest.raises(CheckFailed) as failure:
+            side(entry.impl)
+        assert failure.value.misconception == entry.name
+    for name in names:
+        single = next(m for m in grading.CATALOGUE[task] if m.name.startswith(name) and ALSO not in m.name)
+        with pytest.raises(CheckFailed) as failure:
+            check(single.impl)
+        assert failure.value.misconception == single.name
 
 
 def test_unknown_bug_reports_where_outputs_differ():
@@ -474,6 +503,157 @@ def test_hidden_cases_keep_their_labels_hidden():
     assert "hidden case" in str(failure.value) and "shape" not in str(failure.value).split("\n")[0]
 
 
+def test_the_visible_numerical_gradient_cases_compute_no_batch_norm():
+    """The learner package ships the visible cases' functions: none of them may be the BN
+    forward pass the exercise asks for. The grader's hidden cases use it."""
+    from bn_reference.grading import record
+
+    def functions(hidden):
+        calls = []
+        token = record._recording.set(calls)
+        try:
+            grading.check_numerical_gradient(None, hidden=hidden)
+        finally:
+            record._recording.reset(token)
+        return [getattr(c.data["f"], "func", c.data["f"]) for c in calls[0]["cases"]]
+
+    assert set(functions(False)) <= set(learner.CASE_HELPERS.values())
+    assert grading._bn_output in functions(True)
+
+
+def test_the_case_helpers_match_their_oracles():
+    import scipy.special
+
+    x = np.random.default_rng(8).normal(size=(5, 3))
+    np.testing.assert_allclose(learner._softmax_over_batch(x, 1.5), scipy.special.softmax(1.5 * x, axis=0), rtol=1e-14)
+    np.testing.assert_allclose(learner._tanh_linear(x, np.eye(3)), np.tanh(x), rtol=1e-15)
+    np.testing.assert_allclose(learner._tanh_scaled(x, 2.0), np.tanh(2 * x), rtol=1e-15)
+
+
+# --- the graded experiment -------------------------------------------------------
+
+def test_softmax_cross_entropy_matches_torch():
+    rng = np.random.default_rng(7)
+    scores, labels = rng.normal(size=(9, 10)) * 3, rng.integers(0, 10, size=9)
+    loss, dscores = learner.softmax_cross_entropy(scores, labels)
+    st = torch.tensor(scores, requires_grad=True)
+    lt = F.cross_entropy(st, torch.tensor(labels))
+    lt.backward()
+    assert isinstance(loss, float)
+    np.testing.assert_allclose(loss, lt.item(), rtol=1e-13)
+    np.testing.assert_allclose(dscores, st.grad.numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_the_experiments_helpers_are_seeded_and_leave_nothing_shared():
+    X, y = learner.digits_data()
+    assert X.shape == (1797, 64) and X.dtype == np.float64 and 0 <= X.min() and X.max() == 1.0
+    assert y.dtype == np.int64 and set(np.unique(y)) == set(range(10))
+    X[:] = -1.0
+    assert learner.digits_data()[0].min() == 0.0  # a learner's in-place change does not stick
+    a, b = learner.init_mlp(3), learner.init_mlp(3)
+    assert all(np.array_equal(a[k], b[k]) for k in a) and not np.array_equal(a["W1"], learner.init_mlp(4)["W1"])
+    assert {k: v.shape for k, v in a.items()} == {"W1": (64, 32), "gamma": (32,), "beta": (32,), "W2": (32, 10),
+                                                   "b2": (10,)}
+    batches = learner.minibatches(3, 1797, 16, 50)
+    assert len(batches) == 50 and all(len(set(b)) == 16 and b.max() < 1797 for b in batches)
+    assert all(np.array_equal(u, v) for u, v in zip(batches, learner.minibatches(3, 1797, 16, 50)))
+
+
+def test_one_thread_restores_the_thread_settings():
+    from threadpoolctl import threadpool_info
+
+    before = (torch.get_num_threads(), [i["num_threads"] for i in threadpool_info()])
+    with learner.one_thread():
+        assert torch.get_num_threads() == 1 and all(i["num_threads"] == 1 for i in threadpool_info())
+    assert (torch.get_num_threads(), [i["num_threads"] for i in threadpool_info()]) == before
+
+
+EXPERIMENT_SETTINGS = [{}, {"n_steps": 120, "batch_size": 16, "lr": 0.2}, {"n_steps": 200, "batch_size": 24, "lr": 0.3},
+                       {"n_steps": 150, "batch_size": 8, "lr": 0.1}]
+
+
+@pytest.fixture(scope="module")
+def margins():
+    """The reference's and the second implementation's experiment on 6 seeds and 4 settings
+    (those of the visible and hidden cases, and a batch of 8): the slack of every margin."""
+    rows = []
+    with learner.one_thread():
+        for seed in range(6):
+            for kwargs in EXPERIMENT_SETTINGS:
+                for name, experiment in (("reference", ref.backprop_experiment), ("alt", alt.backprop_experiment)):
+                    curves = {k: np.asarray(v, dtype=float) for k, v in experiment(seed, **kwargs).items()}
+                    tenth = max(1, len(curves["numpy"]) // 10)
+                    rows.append({"who": name, "seed": seed, **kwargs,
+                                 "gap": np.abs(curves["numpy"] - curves["autograd"]).max(),
+                                 "departure": np.abs(curves["constant statistics"] - curves["autograd"]).max(),
+                                 "trained": curves["numpy"][-tenth:].mean() / curves["numpy"][0]})
+    return rows
+
+
+def test_the_experiments_margins_hold_on_every_seed_with_room(margins):
+    """Every correct experiment: NumPy within 1e-10 of autograd (it is within about 1e-15),
+    the constant-statistics curve more than 0.01 away, the last tenth below a quarter of the
+    first loss - on every seed, for both implementations, with the slack printed."""
+    gap = max(r["gap"] for r in margins)
+    departure = min(r["departure"] for r in margins)
+    trained = max(r["trained"] for r in margins)
+    print(f"{len(margins)} runs: largest gap {gap:.1e} (tolerance {learner.TRACKING_TOLERANCE:g}, slack "
+          f"{learner.TRACKING_TOLERANCE / gap:.0f}x); smallest departure {departure:.3f} (threshold "
+          f"{learner.DEPARTURE:g}, slack {departure / learner.DEPARTURE:.0f}x); largest last-tenth/first loss "
+          f"{trained:.3f} (threshold {learner.TRAINED_FRACTION:g}, slack {learner.TRAINED_FRACTION / trained:.2f}x)")
+    assert gap < learner.TRACKING_TOLERANCE / 1e4
+    assert departure > 10 * learner.DEPARTURE
+    assert trained < learner.TRAINED_FRACTION / 1.5
+
+
+def test_the_reference_experiment_is_autograd_in_numpy():
+    """The oracle: the reference's NumPy training run, with the right backward pass, follows
+    PyTorch's autograd (F.batch_norm, F.cross_entropy) to float64 rounding for 300 steps,
+    and starts from the same loss as a network built from nn modules."""
+    curves = ref.backprop_experiment(5)
+    assert all(len(c) == 300 for c in curves.values())
+    np.testing.assert_allclose(curves["numpy"], curves["autograd"], rtol=0, atol=1e-13)
+    np.testing.assert_allclose(curves["numpy"][0], alt.backprop_experiment(5, n_steps=1)["autograd"][0], rtol=1e-14)
+
+
+def test_the_experiment_leaves_its_parameters_alone():
+    params = learner.init_mlp(0)
+    X, y = learner.digits_data()
+    batches = learner.minibatches(0, len(X), 8, 5)
+    copies = {k: v.copy() for k, v in params.items()}
+    ref.mlp_losses_numpy(params, X, y, batches, 0.5)
+    ref.mlp_losses_autograd(params, X, y, batches, 0.5)
+    assert all(np.array_equal(params[k], copies[k]) for k in params)
+
+
+def test_the_experiments_return_value_is_checked_with_a_clear_message():
+    with pytest.raises(CheckFailed, match="must return a dict with the keys 'numpy', 'constant statistics', "
+                                          "'autograd'"):
+        grading.check_backprop_experiment(lambda seed, **kw: [1.0, 2.0])
+    with pytest.raises(CheckFailed, match="'autograd' curve must be a list of losses"):
+        grading.check_backprop_experiment(lambda seed, **kw: {"numpy": [1.0], "constant statistics": [1.0],
+                                                              "autograd": ["a"]})
+
+
+def test_an_experiment_with_a_wrong_backward_pass_fails_the_tracking():
+    """The experiment is graded on the learner's own functions: a backward pass with a
+    mistake the backward check names (here the missing 1/N of the variance path) makes
+    the NumPy curve leave autograd's."""
+    wrong_backward = next(m.impl for m in grading.BACKWARD_CATALOGUE if m.name.startswith("the path through the var"))
+
+    def experiment(seed, n_steps=300, batch_size=32, lr=0.5):
+        X, y = learner.digits_data()
+        params, batches = learner.init_mlp(seed), learner.minibatches(seed, len(X), batch_size, n_steps)
+        return {"numpy": ref.mlp_losses_numpy(params, X, y, batches, lr, wrong_backward),
+                "constant statistics": ref.mlp_losses_numpy(params, X, y, batches, lr,
+                                                            ref.constant_statistics_backward),
+                "autograd": ref.mlp_losses_autograd(params, X, y, batches, lr)}
+
+    with pytest.raises(CheckFailed) as failure:
+        learner.check_backprop_experiment(experiment)
+    assert "numpy curve within 1e-10 of autograd's at every step: expected 1, got 0" in str(failure.value)
+
+
 # --- the benchmark runs (its timings are reported, never asserted) ---------------
 
 def test_benchmark_runs_and_draws():
@@ -489,8 +669,8 @@ def test_benchmark_runs_and_draws():
 
 class TestNbgraderCycle(CycleSuite):
     slug = "ch4_backprop"
-    full_score = 13
-    stubs = 7
+    full_score = 16
+    stubs = 11
     buggy = {  # student -> patches of the model answers, and the misconception the grader must name
         "unbiased": ([("var = (x_centered ** 2).mean(axis=0)", "var = (x_centered ** 2).sum(axis=0) / (len(x) - 1)")],
                      "unbiased (N-1) batch variance in the forward pass"),
@@ -508,6 +688,10 @@ class TestNbgraderCycle(CycleSuite):
                       "dx uses the batch size N where a channel has N*H*W values"),
         "one_sided": ([("x[k] = old - h\n", "x[k] = old\n"), ("grad[k] = (plus - minus) / (2 * h)", "grad[k] = (plus - minus) / h")],
                       "a one-sided (forward) difference"),
+
+        "float32": ([("weights = {k: torch.tensor(v, dtype=torch.float64", "weights = {k: torch.tensor(v, dtype=torch.float32"),
+                     ("X, y = torch.tensor(X, dtype=torch.float64)", "X, y = torch.tensor(X, dtype=torch.float32)")],
+                    "the autograd run computes in float32 (PyTorch's default dtype), so it cannot track float64 to 1e-10"),
     }
 
     def test_the_cache_contract_stays_visible_to_the_learner(self, cycle):
@@ -515,10 +699,16 @@ class TestNbgraderCycle(CycleSuite):
         forward = next(c.source for c in cells if "def batchnorm_forward" in c.source)
         assert '"x_centered": x_centered' in forward
 
-    def test_a_wrong_forward_costs_only_the_forward_test(self, cycle):
-        """The backward tests use the reference cache and the spatial answers stand alone, so
-        the error is not counted twice."""
-        assert cycle.scores["unbiased"][0] == self.full_score - 2
+    def test_a_wrong_forward_costs_the_forward_test_and_the_experiment_only(self, cycle):
+        """The backward tests use the reference cache and the spatial answers stand alone, so the
+        error costs no other implementation task; the experiment trains with the learner's own
+        forward pass, and names the mistake there too."""
+        assert cycle.scores["unbiased"][0] == self.full_score - 2 - 3
+        named = {t.get("misconception") for t in cycle.results["unbiased"]["tasks"]}
+        assert "the NumPy runs normalize with the unbiased (N-1) batch variance" in named
+
+    def test_a_mistake_in_the_experiment_costs_the_experiment_only(self, cycle):
+        assert cycle.scores["float32"][0] == self.full_score - 3
 
     def test_the_try_it_cell_explains_dout_ones(self, cycle):
         cells = nbformat.read(cycle.release, as_version=4).cells

@@ -3,34 +3,37 @@
 Each ``check_*`` takes the learner's function, runs it and the reference
 (``bn_reference.backprop``) on seeded cases, and raises
 :class:`~bn_reference.grading.CheckFailed` naming the misconception when one of
-the catalogue's wrong implementations reproduces the learner's output.
-``hidden=True`` runs the grader's own cases (other seeds, more shapes).
+the catalogue's wrong implementations reproduces every output the learner gets
+wrong. ``hidden=True`` runs the grader's own cases (seeded from the course's
+grading secret, more shapes).
 
 The backward checks feed the learner's functions a cache made by the
 *reference* forward pass (built with the cases, outside ``run``), so a wrong
 forward pass cannot fail them; the forward checks in turn compare the
-learner's cache (``bn_reference.backprop.CACHE_KEYS``) with the reference's,
+learner's cache (``bn_exercises.backprop.CACHE_KEYS``) with the reference's,
 so that in the notebook the learner's backward functions can read the
 learner's own cache just as well. Each check compares all of a function's
 outputs at once (``out`` and the cache; dx, dgamma and dbeta), so a failure
 lists every output that differs.
 
-The ``_run_*`` functions are the only code that touches the learner's function
-(the class grader runs them in its sandbox): they pass the case's arrays to it
-unchanged, read its code there (the closed-form check), and return plain data.
+The ``_run_*`` functions, the only code that touches the learner's function, live
+in the learner package (:mod:`bn_exercises.backprop`); its visible checks replay
+this module's visible cases from recorded answers.
 """
 
 from __future__ import annotations
 
-import dis
-import types
-from collections.abc import Mapping
 from functools import partial
 
 import numpy as np
 
+from bn_exercises.backprop import (LOOP_FIX, LOOP_MISCONCEPTION, _run_backward, _run_backward_compact,
+                                   _run_experiment, _run_forward, _run_numgrad, _run_rel_error, _softmax_over_batch,
+                                   _tanh_linear, _tanh_scaled, digits_data, init_mlp, minibatches,
+                                   softmax_cross_entropy)
+
 from .. import backprop as ref
-from . import Case, CheckFailed, Misconception, report_pass, run_check
+from . import Case, Misconception, case_rng, combined, hidden_seed, report_pass, run_check
 
 __all__ = [
     "check_batchnorm_forward",
@@ -40,23 +43,23 @@ __all__ = [
     "check_spatial_batchnorm_backward",
     "check_numerical_gradient",
     "check_rel_error",
+    "check_backprop_experiment",
     "CATALOGUE",
 ]
-
-_CACHE_KEYS = ("x_centered", "x_hat", "mu", "var", "inv_std", "gamma", "eps")  # = ref.CACHE_KEYS (tested)
 
 
 # --------------------------------------------------------------------------
 # Wrong implementations, each a switchable variation of otherwise right code.
 
-def _forward(x, gamma, beta, eps=1e-5, ddof=0, eps_mode="inside", axis=0):
+def _forward(x, gamma, beta, eps=1e-5, ddof=0, eps_mode="inside", fixed_eps=False, axis=0):
     """Algorithm 1 with switchable mistakes; returns (out, cache) with the cache's keys.
 
-    ``eps_mode``: "inside" sqrt(var + eps) (right), "outside" sqrt(var) + eps,
-    "none" (eps left out), "fixed" (1e-5 whatever eps is given).
+    ``eps_mode``: "inside" sqrt(var + eps) (right), "outside" sqrt(var) + eps, "none"
+    (eps left out); ``fixed_eps``: 1e-5 whatever eps is given; ``ddof``: 1 for the
+    unbiased variance; ``axis``: 1 for layer normalization's statistics.
     """
     x = np.asarray(x)
-    used = {"none": 0.0, "fixed": 1e-5}.get(eps_mode, eps)
+    used = 0.0 if eps_mode == "none" else 1e-5 if fixed_eps else eps
     mu = x.mean(axis=axis, keepdims=True)
     x_centered = x - mu
     var = (x_centered ** 2).sum(axis=axis, keepdims=True) / (x.shape[axis] - ddof)
@@ -67,29 +70,40 @@ def _forward(x, gamma, beta, eps=1e-5, ddof=0, eps_mode="inside", axis=0):
     return gamma * x_hat + beta, cache
 
 
+_NO_EPS = Misconception(
+    "eps left out of the normalization",
+    "normalize by sqrt(var + eps) (Algorithm 1): without eps a constant feature gives 0 / 0 = nan, "
+    "and every feature is off by the factor sqrt(var / (var + eps)).",
+    partial(_forward, eps_mode="none"))
+_UNBIASED = Misconception(
+    "unbiased (N-1) batch variance in the forward pass",
+    "Algorithm 1 divides by N (the biased variance): use x.var(axis=0), whose default is ddof=0. "
+    "The unbiased estimate belongs to the running statistics used at inference (Chapter 5).",
+    partial(_forward, ddof=1))
+_EPS_OUTSIDE = Misconception(
+    "eps added outside the square root",
+    "normalize by sqrt(var + eps), not sqrt(var) + eps (Algorithm 1).",
+    partial(_forward, eps_mode="outside"))
+_FIXED_EPS = Misconception(
+    "the eps argument is ignored (a fixed 1e-5 is used)",
+    "use the eps passed to the function in sqrt(var + eps); 1e-5 is only its default.",
+    partial(_forward, fixed_eps=True))
+
 FORWARD_CATALOGUE = [
-    Misconception(
-        "eps left out of the normalization",
-        "normalize by sqrt(var + eps) (Algorithm 1): without eps a constant feature gives 0 / 0 = nan, "
-        "and every feature is off by the factor sqrt(var / (var + eps)).",
-        partial(_forward, eps_mode="none")),
-    Misconception(
-        "unbiased (N-1) batch variance in the forward pass",
-        "Algorithm 1 divides by N (the biased variance): use x.var(axis=0), whose default is ddof=0. "
-        "The unbiased estimate belongs to the running statistics used at inference (Chapter 5).",
-        partial(_forward, ddof=1)),
-    Misconception(
-        "eps added outside the square root",
-        "normalize by sqrt(var + eps), not sqrt(var) + eps (Algorithm 1).",
-        partial(_forward, eps_mode="outside")),
+    _NO_EPS,
+    _UNBIASED,
+    _EPS_OUTSIDE,
     Misconception(
         "statistics over the feature axis instead of the batch axis (that is layer normalization)",
         "batch normalization averages over the examples: mean and var with axis=0, one value per feature.",
         partial(_forward, axis=1)),
-    Misconception(
-        "the eps argument is ignored (a fixed 1e-5 is used)",
-        "use the eps passed to the function in sqrt(var + eps); 1e-5 is only its default.",
-        partial(_forward, eps_mode="fixed")),
+    _FIXED_EPS,
+    # Mistakes made together: the unbiased variance (the default of torch.std and pandas) with eps
+    # outside the root, left out or hard-coded; eps both outside the root and hard-coded.
+    combined(_UNBIASED, _EPS_OUTSIDE, partial(_forward, ddof=1, eps_mode="outside")),
+    combined(_UNBIASED, _NO_EPS, partial(_forward, ddof=1, eps_mode="none")),
+    combined(_UNBIASED, _FIXED_EPS, partial(_forward, ddof=1, fixed_eps=True)),
+    combined(_EPS_OUTSIDE, _FIXED_EPS, partial(_forward, eps_mode="outside", fixed_eps=True)),
 ]
 
 
@@ -129,21 +143,26 @@ SPATIAL_FORWARD_CATALOGUE = [
 ]
 
 
-def _backward(dout, cache, reduce="sum", constant_stats=False, mean_path=True, var_scale=1.0, with_gamma=True):
+def _backward(dout, cache, reduce="sum", constant_stats=False, mean_path="right", var_path="right",
+              with_gamma=True):
     """Backward pass with switchable mistakes; returns (dx, dgamma, dbeta).
 
-    ``var_scale`` multiplies the variance path's term: N when its 1/N is missing,
-    N / (N - 1) when it differentiates the unbiased variance.
+    In the closed form dx = gamma s / N (N dout - a sum(dout) - b x_hat sum(dout x_hat)),
+    ``mean_path`` sets a: "right" 1, "missing" 0, "no 1/N" N (dmu added without its
+    1/N); ``var_path`` sets b: "right" 1, "missing" 0, "no 1/N" N (dsigma2/dx_c = 2 x_c),
+    "unbiased" N / (N - 1) (the derivative of the unbiased variance).
     """
     dout = np.asarray(dout)
     x_hat, inv_std = cache["x_hat"], cache["inv_std"]
     gamma = cache["gamma"] if with_gamma else 1.0
     n = dout.shape[0]
+    a = {"right": 1.0, "missing": 0.0, "no 1/N": n}[mean_path]
+    b = {"right": 1.0, "missing": 0.0, "no 1/N": n, "unbiased": n / (n - 1)}[var_path]
     dbeta, dgamma = dout.sum(axis=0), (dout * x_hat).sum(axis=0)
     if constant_stats:
         dx = gamma * inv_std * dout
     else:
-        dx = (gamma * inv_std / n) * (n * dout - mean_path * dbeta - var_scale * x_hat * dgamma)
+        dx = (gamma * inv_std / n) * (n * dout - a * dbeta - b * x_hat * dgamma)
     if reduce == "none":
         dbeta, dgamma = dout, dout * x_hat
     elif reduce == "mean":
@@ -153,16 +172,16 @@ def _backward(dout, cache, reduce="sum", constant_stats=False, mean_path=True, v
     return dx, dgamma, dbeta
 
 
-def _var_path_without_1_over_n(dout, cache):
-    """The staged backward with d(sigma2)/d(x_c) = 2 x_c instead of 2 x_c / N."""
-    return _backward(dout, cache, var_scale=np.shape(dout)[0])
-
-
-def _var_path_unbiased(dout, cache):
-    """The variance path of the unbiased variance, d/dx_c of sum(x_c^2) / (N - 1)."""
-    n = np.shape(dout)[0]
-    return _backward(dout, cache, var_scale=n / (n - 1))
-
+_VAR_NO_1_OVER_N = Misconception(
+    "the path through the variance is missing its 1/N (dsigma2/dx_c = 2 x_c instead of 2 x_c / N)",
+    "sigma2 = (1/N) sum_i x_c,i^2, so dsigma2/dx_c,i = 2 x_c,i / N: the second path into x_c is "
+    "dvar * 2 * x_centered / N (without the 1/N that term is N times too large).",
+    partial(_backward, var_path="no 1/N"))
+_MEAN_NO_1_OVER_N = Misconception(
+    "the path through the mean is missing its 1/N (dx = dx_c + dmu instead of dx_c + dmu / N)",
+    "mu = (1/N) sum_i x_i, so dmu/dx_i = 1/N: the second path into x is dmu / N (without the 1/N "
+    "the -sum(dout) term is N times too large).",
+    partial(_backward, mean_path="no 1/N"))
 
 BACKWARD_CATALOGUE = [
     Misconception(
@@ -189,26 +208,27 @@ BACKWARD_CATALOGUE = [
         "dx is missing the x_hat * sum(dout * x_hat) term (the path through the variance)",
         "x_i also changes sigma2: include dl/dsigma2 * dsigma2/dx_i, which contributes "
         "-gamma / (N sigma) * x_hat * sum(dout * x_hat).",
-        partial(_backward, var_scale=0.0)),
-    Misconception(
-        "the path through the variance is missing its 1/N (dsigma2/dx_c = 2 x_c instead of 2 x_c / N)",
-        "sigma2 = (1/N) sum_i x_c,i^2, so dsigma2/dx_c,i = 2 x_c,i / N: the second path into x_c is "
-        "dvar * 2 * x_centered / N (without the 1/N that term is N times too large).",
-        _var_path_without_1_over_n),
+        partial(_backward, var_path="missing")),
+    _VAR_NO_1_OVER_N,
     Misconception(
         "the path through the variance divides by N - 1 (the unbiased variance's derivative)",
         "the forward pass divides by N (Algorithm 1), so dsigma2/dx_c,i = 2 x_c,i / N; N - 1 belongs to a "
         "layer that normalizes with the unbiased variance (as makemore does), not to this one.",
-        _var_path_unbiased),
+        partial(_backward, var_path="unbiased")),
     Misconception(
         "dx is missing the -sum(dout) term (the path through the mean)",
         "x_i also changes mu: include dl/dmu * dmu/dx_i = dl/dmu / N, which contributes "
         "-gamma / (N sigma) * sum(dout).",
-        partial(_backward, mean_path=False)),
+        partial(_backward, mean_path="missing")),
+    _MEAN_NO_1_OVER_N,
     Misconception(
         "dx is missing the factor gamma",
         "y = gamma * x_hat + beta, so dl/dx_hat = gamma * dout before anything else.",
         partial(_backward, with_gamma=False)),
+]
+_BACKWARD_COMBINED = [
+    # Both 1/N of the staged pass forgotten: the derivative of a mean taken as that of a sum, twice.
+    combined(_VAR_NO_1_OVER_N, _MEAN_NO_1_OVER_N, partial(_backward, var_path="no 1/N", mean_path="no 1/N")),
 ]
 
 
@@ -223,11 +243,9 @@ def _looping_compact(dout, cache):
     return dx, dgamma, dbeta
 
 
-LOOP_MISCONCEPTION = "a Python loop in the compact backward pass"
-LOOP_FIX = ("write the closed form with whole-array NumPy operations (dout.sum(axis=0), broadcasting), "
-            "with no loop over examples or features.")
-
-COMPACT_CATALOGUE = [*BACKWARD_CATALOGUE, Misconception(LOOP_MISCONCEPTION, LOOP_FIX, _looping_compact)]
+COMPACT_CATALOGUE = [*BACKWARD_CATALOGUE, Misconception(LOOP_MISCONCEPTION, LOOP_FIX, _looping_compact),
+                     *_BACKWARD_COMBINED]
+BACKWARD_CATALOGUE += _BACKWARD_COMBINED
 
 
 def _spatial_backward(dout, cache, mode="no_transpose"):
@@ -373,6 +391,137 @@ REL_ERROR_CATALOGUE = [
         partial(_rel_error, abs_of_sum=True)),
 ]
 
+_PARAMETERS = ("W1", "gamma", "beta", "W2", "b2")
+
+
+def _numpy_losses(params, X, y, batches, lr, backward, in_place=False, update_bn=True, mask="output",
+                  w2_input="output", forward=ref.batchnorm_forward):
+    """The NumPy training run with switchable mistakes: ``in_place`` updates the caller's
+    arrays; ``update_bn=False`` never updates gamma and beta; ``mask="input"`` takes the
+    ReLU's mask from the BN layer's input; ``w2_input="input"`` takes W2's gradient from
+    the ReLU's input; ``forward`` is the BN forward pass used."""
+    p = params if in_place else {k: params[k].copy() for k in _PARAMETERS}
+    losses = []
+    for index in batches:
+        xb = X[index]
+        h = xb @ p["W1"]
+        a, cache = forward(h, p["gamma"], p["beta"])
+        r = np.maximum(a, 0.0)
+        loss, ds = softmax_cross_entropy(r @ p["W2"] + p["b2"], y[index])
+        losses.append(loss)
+        da = (ds @ p["W2"].T) * ((h if mask == "input" else a) > 0)
+        dh, dgamma, dbeta = backward(da, cache)
+        grads = {"W1": xb.T @ dh, "gamma": dgamma * update_bn, "beta": dbeta * update_bn,
+                 "W2": (a if w2_input == "input" else r).T @ ds, "b2": ds.sum(axis=0)}
+        for k in _PARAMETERS:
+            if in_place:
+                p[k] -= lr * grads[k]
+            else:
+                p[k] = p[k] - lr * grads[k]
+    return losses
+
+
+def _autograd_losses(params, X, y, batches, lr, dtype="float64", zero_grad=True, training=True):
+    """The PyTorch training run with switchable mistakes: ``dtype="float32"``; ``zero_grad=False``
+    lets .grad accumulate; ``training=False`` normalizes with running statistics (0 and 1)."""
+    import torch
+    import torch.nn.functional as F
+
+    dt = getattr(torch, dtype)
+    p = {k: torch.tensor(params[k], dtype=dt, requires_grad=True) for k in _PARAMETERS}
+    Xt, yt = torch.tensor(X, dtype=dt), torch.tensor(y)
+    running = (torch.zeros(p["gamma"].shape, dtype=dt), torch.ones(p["gamma"].shape, dtype=dt))
+    losses = []
+    for index in batches:
+        index = torch.from_numpy(index)
+        h = Xt[index] @ p["W1"]
+        a = (F.batch_norm(h, None, None, p["gamma"], p["beta"], training=True) if training
+             else F.batch_norm(h, *running, p["gamma"], p["beta"], training=False))
+        loss = F.cross_entropy(torch.relu(a) @ p["W2"] + p["b2"], yt[index])
+        losses.append(loss.item())
+        loss.backward()
+        with torch.no_grad():
+            for t in p.values():
+                t -= lr * t.grad
+                if zero_grad:
+                    t.grad.zero_()
+    return losses
+
+
+def _experiment(seed, n_steps=300, batch_size=32, lr=0.5, numpy=(), constant=(), autograd=(),
+                fixed=(), constant_backward=ref.constant_statistics_backward):
+    """The experiment with switchable mistakes: keyword arguments of the NumPy runs (``numpy``,
+    for both of them, and ``constant`` for the constant-statistics run alone) and of the
+    autograd run (``autograd``) as (name, value) pairs; ``fixed`` names the experiment's
+    arguments that are not passed on (their defaults are used)."""
+    defaults = {"n_steps": 300, "batch_size": 32, "lr": 0.5}
+    n_steps, batch_size, lr = ({**{"n_steps": n_steps, "batch_size": batch_size, "lr": lr},
+                                **{k: defaults[k] for k in fixed}}[k] for k in defaults)
+    X, y = digits_data()
+    params = init_mlp(seed)
+    batches = minibatches(seed, len(X), batch_size, n_steps)
+    return {"numpy": _numpy_losses(params, X, y, batches, lr, ref.batchnorm_backward_compact, **dict(numpy)),
+            "constant statistics": _numpy_losses(params, X, y, batches, lr, constant_backward,
+                                                 **dict(numpy), **dict(constant)),
+            "autograd": _autograd_losses(params, X, y, batches, lr, **dict(autograd))}
+
+
+_NOT_PASSED_ON = ("backprop_experiment must hand its arguments on: minibatches(seed, len(X), batch_size, n_steps) "
+                  "and the lr of both training runs; the check calls it with other values than the defaults.")
+
+EXPERIMENT_CATALOGUE = [
+    Misconception(
+        "the autograd run computes in float32 (PyTorch's default dtype), so it cannot track float64 to 1e-10",
+        "make every tensor of the autograd run float64: torch.tensor(params[k], dtype=torch.float64, "
+        "requires_grad=True) and torch.tensor(X, dtype=torch.float64); float32 rounds every loss to about 1e-7.",
+        partial(_experiment, autograd=(("dtype", "float32"),))),
+    Misconception(
+        "the autograd run's gradients accumulate from step to step (.grad is never zeroed)",
+        "loss.backward() adds to each parameter's .grad: set it to zero after every update (p.grad.zero_(), "
+        "or p.grad = None), or use torch.autograd.grad, which returns the gradients without storing them.",
+        partial(_experiment, autograd=(("zero_grad", False),))),
+    Misconception(
+        "the autograd run normalizes with running statistics (F.batch_norm in evaluation mode)",
+        "F.batch_norm's training argument is False by default: call F.batch_norm(h, None, None, gamma, beta, "
+        "training=True), so that it normalizes with the batch's own mean and variance, as your NumPy layer does.",
+        partial(_experiment, autograd=(("training", False),))),
+    Misconception(
+        "the NumPy run updates the parameters in place, so the later runs start from trained weights",
+        "train a copy: p = {k: v.copy() for k, v in params.items()} at the start of each run (p[k] -= ... "
+        "changes the arrays of params itself), so that all three runs start from init_mlp(seed).",
+        partial(_experiment, numpy=(("in_place", True),))),
+    Misconception(
+        "the NumPy runs normalize with the unbiased (N-1) batch variance",
+        "the experiment uses your batchnorm_forward: make it pass its own test first (divide by N, the biased "
+        "variance of Algorithm 1, as F.batch_norm does in training mode).",
+        partial(_experiment, numpy=(("forward", _UNBIASED.impl),))),
+    Misconception(
+        "gamma and beta are never updated in the NumPy runs",
+        "update every parameter after each step, gamma and beta too: gamma -= lr * dgamma, beta -= lr * dbeta "
+        "(autograd updates all five).",
+        partial(_experiment, numpy=(("update_bn", False),))),
+    Misconception(
+        "the ReLU's backward pass uses the sign of the BN layer's input instead of its output",
+        "the ReLU acts on BN's output a = gamma * x_hat + beta: its gradient passes where a > 0 "
+        "(dout_bn = dhidden * (a > 0)), not where x @ W1 > 0.",
+        partial(_experiment, numpy=(("mask", "input"),))),
+    Misconception(
+        "W2's gradient is taken with the ReLU's input instead of its output",
+        "scores = relu(a) @ W2 + b2, so dW2 = relu(a).T @ dscores: use the ReLU's output, the input of W2.",
+        partial(_experiment, numpy=(("w2_input", "input"),))),
+    Misconception(
+        "the constant-statistics run uses the right backward pass",
+        "pass constant_statistics_backward (dx = gamma * dout * inv_std, with the right dgamma and dbeta) to "
+        "the second NumPy run: that curve shows what the paths through mu and sigma change.",
+        partial(_experiment, constant_backward=ref.batchnorm_backward_compact)),
+    Misconception("the learning rate lr is not passed on to the training runs", _NOT_PASSED_ON,
+                  partial(_experiment, fixed=("lr",))),
+    Misconception("batch_size is not passed on to minibatches", _NOT_PASSED_ON,
+                  partial(_experiment, fixed=("batch_size",))),
+    Misconception("n_steps is not passed on to minibatches", _NOT_PASSED_ON,
+                  partial(_experiment, fixed=("n_steps",))),
+]
+
 CATALOGUE = {
     "batchnorm_forward": FORWARD_CATALOGUE,
     "batchnorm_backward": BACKWARD_CATALOGUE,
@@ -381,14 +530,16 @@ CATALOGUE = {
     "spatial_batchnorm_backward": SPATIAL_BACKWARD_CATALOGUE,
     "numerical_gradient": NUMERICAL_GRADIENT_CATALOGUE,
     "rel_error": REL_ERROR_CATALOGUE,
+    "backprop_experiment": EXPERIMENT_CATALOGUE,
 }
 
 
 # --------------------------------------------------------------------------
-# Cases. Visible seeds are 0..; hidden seeds start at 1000 and add shapes.
-# Data are random, never uniform: dout = ones would make dx exactly 0; gamma
-# and beta are away from 1 and 0 (gamma of both signs), eps takes non-default
-# values, and there are batches of 2, constant features and float32 inputs.
+# Cases. Visible case streams are seeded 0..; hidden ones from the course's secret
+# (case_rng, hidden_seed), with more shapes. Data are random, never uniform: dout =
+# ones would make dx exactly 0; gamma and beta are away from 1 and 0 (gamma of both
+# signs), eps takes non-default values, and there are batches of 2, constant
+# features and float32 inputs.
 
 _F32 = {"rtol": 1e-4, "atol": 1e-4}  # float32 resolves about 1e-7; the data are O(1)
 
@@ -410,9 +561,11 @@ def _layer(rng, shape, dtype=np.float64, spread=None):
 
 def _bn_cases(hidden: bool):
     """Cases shared by the forward and backward checks (each with its dout)."""
-    rng = np.random.default_rng(1000 if hidden else 0)
-    shapes = [(16, 4), (2, 3), (7, 1)] + ([(64, 10), (3, 5)] if hidden else [])
-    cases = [Case(f"x {n} x {d} float64, default eps", {**_layer(rng, (n, d)), "eps": None}) for n, d in shapes]
+    rng = case_rng(hidden, 0)
+    # the first case has a non-default eps, so that mistakes about eps show with the others
+    settings = [(16, 4, 1e-3), (2, 3, None), (7, 1, None)] + ([(64, 10, None), (3, 5, None)] if hidden else [])
+    cases = [Case(f"x {n} x {d} float64, {'default eps' if eps is None else f'eps={eps:g}'}",
+                  {**_layer(rng, (n, d)), "eps": eps}) for n, d, eps in settings]
     cases.append(Case("x 10 x 3 float64 with a tiny spread (std 0.01), eps=1e-3",
                       {**_layer(rng, (10, 3), spread=0.01), "eps": 1e-3}))
     data = _layer(rng, (12, 3))
@@ -428,7 +581,7 @@ def _bn_cases(hidden: bool):
 def _spatial_cases(hidden: bool):
     """(N, C, H, W) cases: a batch of one example with H*W > 1 (PyTorch accepts it), a
     constant channel, float32, non-default eps."""
-    rng = np.random.default_rng(1005 if hidden else 5)
+    rng = case_rng(hidden, 5)
     settings = [((4, 3, 5, 2), np.float64, None), ((2, 2, 3, 3), np.float64, 0.1),
                 ((1, 3, 4, 4), np.float64, None)]
     if hidden:
@@ -448,27 +601,9 @@ def _spatial_cases(hidden: bool):
     return cases
 
 
-def _run_forward(fn, case):
-    """The learner's (out, cache) on the case's x, gamma, beta (and eps when it is not the default)."""
-    d = case.data
-    args = (d["x"], d["gamma"], d["beta"])
-    result = fn(*args) if d["eps"] is None else fn(*args, d["eps"])
-    if not (isinstance(result, (tuple, list)) and len(result) == 2):
-        raise CheckFailed(f"the forward pass must return a pair (out, cache), got {type(result).__name__} "
-                          f"on case: {case.label}")
-    out, cache = result
-    if not isinstance(cache, Mapping):
-        raise CheckFailed(f"the forward pass's cache must be a dict, got {type(cache).__name__}.")
-    missing = [k for k in _CACHE_KEYS if k not in cache]
-    if missing:
-        raise CheckFailed(f"the forward pass's cache lacks {', '.join(map(repr, missing))}: the backward "
-                          f"functions read the keys {', '.join(_CACHE_KEYS)}, so the cache must hold them all.")
-    return {"out": out, "cache": {k: cache[k] for k in _CACHE_KEYS}}
-
-
 def check_batchnorm_forward(batchnorm_forward, hidden=False):
     """Check batchnorm_forward(x, gamma, beta, eps=1e-5) -> (out, cache): out and the
-    cache's keys and values (``bn_reference.backprop.CACHE_KEYS``)."""
+    cache's keys and values (``bn_exercises.backprop.CACHE_KEYS``)."""
     __tracebackhide__ = True
     report_pass("batchnorm_forward", run_check("batchnorm_forward", batchnorm_forward, ref.batchnorm_forward,
                                                _bn_cases(hidden), _run_forward, FORWARD_CATALOGUE, hidden=hidden))
@@ -494,60 +629,12 @@ def _with_reference_cache(cases, forward):
     return backward_cases
 
 
-def _run_backward(fn, case):
-    """The learner's (dx, dgamma, dbeta) for the case's dout and cache, all three compared at once."""
-    result = fn(case.data["dout"], case.data["cache"])
-    if not (isinstance(result, (tuple, list)) and len(result) == 3):
-        raise CheckFailed("the backward pass must return a triple (dx, dgamma, dbeta), "
-                          f"got {type(result).__name__} on case: {case.label}")
-    return dict(zip(("dx", "dgamma", "dbeta"), result))
-
-
 def check_batchnorm_backward(batchnorm_backward, hidden=False):
     """Check batchnorm_backward(dout, cache) -> (dx, dgamma, dbeta), given the reference forward's cache."""
     __tracebackhide__ = True
     cases = _with_reference_cache(_bn_cases(hidden), ref.batchnorm_forward)
     report_pass("batchnorm_backward", run_check("batchnorm_backward", batchnorm_backward, ref.batchnorm_backward,
                                                 cases, _run_backward, BACKWARD_CATALOGUE, hidden=hidden))
-
-
-_COMPREHENSIONS = {"<listcomp>": "a list comprehension", "<setcomp>": "a set comprehension",
-                   "<dictcomp>": "a dict comprehension", "<genexpr>": "a generator expression"}
-_LOOP_BUILTINS = {"sum", "map", "range"}  # Python's sum(dout) loops over the rows
-
-
-def _python_loop(fn):
-    """A description of the first Python-level loop in ``fn``'s compiled code (a function,
-    or a partial of one, with the functions defined inside it), or None."""
-    code = getattr(getattr(fn, "func", fn), "__code__", None)
-    stack = [code] if isinstance(code, types.CodeType) else []
-    while stack:
-        code = stack.pop(0)
-        if code.co_name in _COMPREHENSIONS:
-            return _COMPREHENSIONS[code.co_name]
-        instructions = list(dis.get_instructions(code))
-        if any(i.opname == "FOR_ITER" for i in instructions):
-            return "a for loop"
-        if any("BACKWARD" in i.opname or (i.opname == "JUMP_ABSOLUTE" and i.argval <= i.offset)
-               for i in instructions):
-            return "a while loop"
-        called = next((i.argval for i in instructions
-                       if i.opname == "LOAD_GLOBAL" and i.argval in _LOOP_BUILTINS), None)
-        if called is not None:
-            return f"Python's built-in {called}()"
-        stack += [c for c in code.co_consts if isinstance(c, types.CodeType)]
-    return None
-
-
-def _run_backward_compact(fn, case):
-    """``_run_backward`` after checking that fn's code has no Python loop."""
-    loop = _python_loop(fn)
-    if loop is not None:
-        raise CheckFailed(
-            f"batchnorm_backward_compact is not in closed form: its code uses {loop}.\n"
-            f"  Your code matches a known mistake: {LOOP_MISCONCEPTION}.\n"
-            f"  How to fix it: {LOOP_FIX}", misconception=LOOP_MISCONCEPTION)
-    return _run_backward(fn, case)
 
 
 def check_batchnorm_backward_compact(batchnorm_backward_compact, hidden=False):
@@ -571,51 +658,52 @@ def check_spatial_batchnorm_backward(spatial_batchnorm_backward, hidden=False):
 
 
 def _bn_output(x, gamma, beta):
-    """Batch normalization's output (eps = 1e-5) as a function of x alone, the f of the
-    numerical-gradient cases (written here: case data must not call the reference)."""
+    """Batch normalization's output (eps = 1e-5) as a function of x alone, the f of hidden
+    numerical-gradient cases. It computes what the exercise's forward pass asks for, so it
+    stays with the grader: the visible cases use the learner package's smooth functions."""
     centred = x - x.mean(axis=0)
     return gamma * centred / np.sqrt(np.mean(centred * centred, axis=0) + 1e-5) + beta
 
 
-def _tanh_scaled(x, a):
-    return np.tanh(a * x)
-
-
-def _tanh_linear(x, w):
-    return np.tanh(x @ w)
-
-
 def _numgrad_cases(hidden: bool):
-    rng = np.random.default_rng(1003 if hidden else 3)
+    """f = tanh(2 x) (element-wise), softmax over the batch (every output of a column depends on
+    every input of it, as in BN), tanh(x @ W) (f(x) and x of different shapes), each at several
+    h; a float32 x; and, for hidden cases only, the BN forward itself."""
+    rng = case_rng(hidden, 3)
     shape = (2, 3, 2) if hidden else (6,)
     cases = [Case(f"f = tanh(2 x) on x of shape {shape}, h=1e-3",
                   {"f": partial(_tanh_scaled, a=2.0), "x": rng.normal(size=shape),
                    "dout": rng.normal(size=shape), "h": 1e-3})]
-    for n, d, h in [(5, 3, 1e-5), (2, 3, 1e-3)] + ([(4, 2, 1e-4)] if hidden else []):
+    for n, d, h in [(5, 3, 1e-5), (2, 3, 1e-3)]:
         layer = _layer(rng, (n, d))
-        cases.append(Case(f"f = batch-norm forward on x {n} x {d}, h={h:g}",
-                          {"f": partial(_bn_output, gamma=layer["gamma"], beta=layer["beta"]),
-                           "x": layer["x"], "dout": layer["dout"], "h": h}))
+        if hidden:
+            f, what = partial(_bn_output, gamma=layer["gamma"], beta=layer["beta"]), "batch-norm forward"
+        else:
+            f, what = partial(_softmax_over_batch, scale=1.5), "softmax over the batch of 1.5 x"
+        cases.append(Case(f"f = {what} on x {n} x {d}, h={h:g}", {"f": f, "x": layer["x"], "dout": layer["dout"], "h": h}))
+    if hidden:
+        layer = _layer(rng, (4, 2))
+        cases.append(Case("f = softmax over the batch of 0.7 x on x 4 x 2, h=1e-4",
+                          {"f": partial(_softmax_over_batch, scale=0.7), "x": layer["x"], "dout": layer["dout"],
+                           "h": 1e-4}))
     w = rng.normal(size=(4, 2))
     cases.append(Case("f = tanh(x @ W) with x 3 x 4 and W 4 x 2 (f(x) is 3 x 2, so is dout), default h",
                       {"f": partial(_tanh_linear, w=w), "x": rng.normal(size=(3, 4)),
                        "dout": rng.normal(size=(3, 2)), "h": None}))
     layer = _layer(rng, (4, 2), np.float32)
-    cases.append(Case("f = batch-norm forward on a float32 x 4 x 2, h=1e-5 (differences must be taken in float64)",
-                      {"f": partial(_bn_output, gamma=layer["gamma"].astype(np.float64),
-                                    beta=layer["beta"].astype(np.float64)),
-                       "x": layer["x"], "dout": layer["dout"].astype(np.float64), "h": 1e-5}))
+    if hidden:
+        f, what = (partial(_bn_output, gamma=layer["gamma"].astype(np.float64), beta=layer["beta"].astype(np.float64)),
+                   "batch-norm forward")
+    else:
+        f, what = partial(_softmax_over_batch, scale=1.5), "softmax over the batch of 1.5 x"
+    cases.append(Case(f"f = {what} on a float32 x 4 x 2, h=1e-5 (differences must be taken in float64)",
+                      {"f": f, "x": layer["x"], "dout": layer["dout"].astype(np.float64), "h": 1e-5}))
     return cases
 
 
-def _run_numgrad(fn, case):
-    d = case.data
-    args = (d["f"], d["x"], d["dout"])
-    return {"gradient": fn(*args) if d["h"] is None else fn(*args, d["h"])}
-
-
 def check_numerical_gradient(numerical_gradient, hidden=False):
-    """Check numerical_gradient(f, x, dout, h=1e-5) on smooth functions (BN forward, tanh)."""
+    """Check numerical_gradient(f, x, dout, h=1e-5) on smooth functions (tanh, softmax over the
+    batch, and the BN forward on hidden cases)."""
     __tracebackhide__ = True
     # rounding in L(x +- h) is ~1e-16 / h: 1e-8 absolute leaves room for any correct summation order
     report_pass("numerical_gradient", run_check(
@@ -624,14 +712,19 @@ def check_numerical_gradient(numerical_gradient, hidden=False):
 
 
 def _rel_error_cases(hidden: bool):
-    rng = np.random.default_rng(1004 if hidden else 4)
+    rng = case_rng(hidden, 4)
     cases = []
     for shape in [(3, 4), (5,)] + ([(2, 2, 2)] if hidden else []):
         a = rng.normal(size=shape)
         b = a * (1 + 1e-6 * rng.normal(size=shape))
         cases.append(Case(f"a and b of shape {shape} that agree to about 1e-6", {"a": a, "b": b}))
-    a = np.array([100.0, -3.0, 1e-3, 0.0, 2.0])
-    b = np.array([100.5, -3.0, 2e-3, 0.0, 2.0])
+    if hidden:  # the same edge cases as the visible ones, with other values
+        big, small, other = rng.uniform(50, 200), rng.uniform(1e-4, 1e-2), rng.uniform(1, 5, size=2)
+        a = np.array([big, -other[0], small, 0.0, other[1]])
+        b = np.array([big * (1 + rng.uniform(2e-3, 1e-2)), -other[0], 2 * small, 0.0, other[1]])
+    else:
+        a = np.array([100.0, -3.0, 1e-3, 0.0, 2.0])
+        b = np.array([100.5, -3.0, 2e-3, 0.0, 2.0])
     cases.append(Case("a = [100, -3, 1e-3, 0, 2], b = [100.5, -3, 2e-3, 0, 2] (one small entry is far off)",
                       {"a": a, "b": b}))
     a = rng.normal(size=6)
@@ -639,16 +732,13 @@ def _rel_error_cases(hidden: bool):
     b = a + 1e-3 * rng.normal(size=6)
     b[[1, 4]] = 0.0
     cases.append(Case("a and b of shape (6,), both 0 at the same two places", {"a": a, "b": b}))
+    near_zero, ends = (rng.uniform(1e-5, 1e-3), rng.uniform(1, 5, size=2) * [1, -1]) if hidden else (1e-4, [3.0, -2.0])
     cases.append(Case("a = [3, 1e-4, -2], b = [3, -1e-4, -2] (an entry near 0 with opposite signs)",
-                      {"a": np.array([3.0, 1e-4, -2.0]), "b": np.array([3.0, -1e-4, -2.0])}))
+                      {"a": np.array([ends[0], near_zero, ends[1]]), "b": np.array([ends[0], -near_zero, ends[1]])}))
     if hidden:
         cases.append(Case("a = [0, 1], b = [1e-3, 1] (a is 0 where b is not)",
                           {"a": np.array([0.0, 1.0]), "b": np.array([1e-3, 1.0])}))
     return cases
-
-
-def _run_rel_error(fn, case):
-    return float(fn(case.data["a"], case.data["b"]))
 
 
 def check_rel_error(rel_error, hidden=False):
@@ -656,3 +746,32 @@ def check_rel_error(rel_error, hidden=False):
     __tracebackhide__ = True
     report_pass("rel_error", run_check("rel_error", rel_error, ref.rel_error, _rel_error_cases(hidden),
                                        _run_rel_error, REL_ERROR_CATALOGUE, hidden=hidden))
+
+
+#: The experiment's losses agree to about 1e-15 between correct implementations; 1e-5 absolute
+#: lets a float32 run's losses count as right (its mistake is the tracking, which is judged
+#: exactly), while every other mistake moves them by far more.
+_EXPERIMENT_TOLERANCE = {"rtol": 1e-6, "atol": 1e-5}
+
+
+def _experiment_cases(hidden: bool):
+    """The experiment with its defaults, then with every argument at another value."""
+    settings = [({}, 300), ({"n_steps": 120, "batch_size": 16, "lr": 0.2}, 120)]
+    if hidden:
+        settings = [({}, 300), ({"n_steps": 200, "batch_size": 24, "lr": 0.3}, 200)]
+    cases = []
+    for i, (kwargs, n_steps) in enumerate(settings):
+        seed = hidden_seed(f"experiment {i}") % 2**32 if hidden else i
+        arguments = ", ".join([f"seed={seed}"] + [f"{k}={v:g}" for k, v in kwargs.items()])
+        cases.append(Case(f"backprop_experiment({arguments})", {"seed": seed, "kwargs": kwargs, "n_steps": n_steps}))
+    return cases
+
+
+def check_backprop_experiment(backprop_experiment, hidden=False):
+    """Check backprop_experiment(seed, n_steps=300, batch_size=32, lr=0.5): the learner's NumPy
+    curve tracks autograd's to 1e-10, the constant-statistics curve leaves it by more than
+    0.01, training works, and the curves start and end where the reference's do."""
+    __tracebackhide__ = True
+    report_pass("backprop_experiment", run_check(
+        "backprop_experiment", backprop_experiment, ref.backprop_experiment, _experiment_cases(hidden),
+        _run_experiment, EXPERIMENT_CATALOGUE, hidden=hidden, **_EXPERIMENT_TOLERANCE))
