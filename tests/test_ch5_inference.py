@@ -590,6 +590,96 @@ def test_learners_mistakes_that_used_to_pass_are_named(check, wrong, name, hidde
     assert failure.value.misconception == name
 
 
+class _TorchDefaultVariance(alt.TorchBatchNorm):
+    """Normalizes with x.var(dim) - torch.var's default divides by n - 1 - and stores it as is."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        dims, shape = [0, *range(2, x.dim())], (1, -1) + (1,) * (x.dim() - 2)
+        n = x.numel() // x.shape[1]
+        if n < 2:
+            raise ValueError("Expected more than 1 value per channel when training")
+        mean, var = x.mean(dims), x.var(dims)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            f = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
+            self.running_mean.mul_(1 - f).add_(f * mean)
+            self.running_var.mul_(1 - f).add_(f * var)
+        y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+class _CS231nStyle(alt.BatchNorm):
+    """CS231n's assignment's update: the momentum on the old value, the biased variance."""
+
+    def forward(self, x):
+        x = np.asarray(x, dtype=np.float64)
+        axes, shape = (0, *range(2, x.ndim)), (1, -1) + (1,) * (x.ndim - 2)
+        if not self.training:
+            x_hat = (x - self.running_mean.reshape(shape)) / np.sqrt(self.running_var.reshape(shape) + self.eps)
+            return self.gamma.reshape(shape) * x_hat + self.beta.reshape(shape)
+        if x.size // x.shape[1] < 2:
+            raise ValueError("Expected more than 1 value per channel when training")
+        mu, var = x.mean(axis=axes), x.var(axis=axes)
+        self.num_batches_tracked += 1
+        m = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked
+        self.running_mean = m * self.running_mean + (1 - m) * mu
+        self.running_var = m * self.running_var + (1 - m) * var
+        x_hat = (x - mu.reshape(shape)) / np.sqrt(var.reshape(shape) + self.eps)
+        return self.gamma.reshape(shape) * x_hat + self.beta.reshape(shape)
+
+
+class _NoModeSwitch(alt.BatchNorm):
+    """Ignores self.training: batch statistics and an update on every call."""
+
+    def forward(self, x):
+        training = self.training
+        self.training = True
+        try:
+            return super().forward(x)
+        finally:
+            self.training = training
+
+
+def _parameters_only(model):
+    """Counts what parameters() holds, all of it as trainable."""
+    bns = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    return sum(p.numel() for bn in bns for p in bn.parameters()), 0
+
+
+def _bias_is_beta(layer, bn):
+    """The new bias set to beta alone."""
+    folded = copy.deepcopy(layer)
+    s = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    with torch.no_grad():
+        folded.weight.mul_(s.view(-1, *[1] * (layer.weight.dim() - 1)))
+        folded.bias = nn.Parameter(bn.bias.detach().clone())
+    return folded
+
+
+@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
+@pytest.mark.parametrize("check, wrong, name", [
+    (grading.check_torch_batchnorm, _TorchDefaultVariance, "normalized with the unbiased batch variance (divide by n - 1)"),
+    (grading.check_batchnorm, _CS231nStyle,
+     "momentum applied to the wrong side (Keras convention in a PyTorch-convention layer); also biased batch "
+     "variance stored in running_var"),
+    (grading.check_batchnorm, _NoModeSwitch,
+     "batch statistics used in eval mode; also running statistics updated in eval mode"),
+    (grading.check_bn_parameter_counts, _parameters_only,
+     "running mean and variance not counted; also requires_grad ignored: frozen gamma and beta counted as "
+     "trainable"),
+    (grading.check_fold_batchnorm, _bias_is_beta,
+     "the fold forgets the preceding layer's bias; also the fold forgets to subtract running_mean in the new bias"),
+], ids=["torch.var default", "CS231n style", "no mode switch", "parameters only", "bias is beta"])
+def test_real_code_with_two_mistakes_gets_both_named(check, wrong, name, hidden):
+    """Written as real code is written, not taken from the catalogue: the two mistakes such code
+    makes together are named together, on visible and on hidden cases."""
+    with pytest.raises(CheckFailed) as failure:
+        check(wrong, hidden=hidden)
+    assert failure.value.misconception == name
+
+
 # --- the graded experiment -----------------------------------------------------
 
 #: Seeds on which the experiment's margins are proven (the visible seed 0 among them).
