@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bn_exercises.inference import (BUILTIN_BATCH_NORM, _count_model, _fill, _fold_problem, _frozen,
+from bn_exercises.inference import (BUILTIN_BATCH_NORM, _count_model, _fold_problem, _frozen,
                                     _recalibration_model, _run_batchnorm, _run_counts, _run_experiment, _run_fold,
                                     _run_population, _run_recalibrate, _run_torch_batchnorm, digits_net,
                                     digits_split, train_digits)
