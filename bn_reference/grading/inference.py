@@ -844,10 +844,21 @@ def check_recalibrate_batchnorm(recalibrate_batchnorm, hidden=False):
 
 # --------------------------------------------------------------------------
 # Parameter counts. The visible models come from the learner package's case helper; the hidden
-# ones are built here (the learner package holds no hidden case).
+# ones, other models of the same kinds and a few more, are built here (the learner package holds
+# no hidden case).
 
 def _hidden_count_model(kind):
     """The models of the hidden counting cases."""
+    if kind == "frozen":
+        return nn.Sequential(nn.Conv2d(2, 6, 1), _frozen(nn.BatchNorm2d(6)), nn.Flatten(), nn.Linear(6, 3),
+                             nn.BatchNorm1d(3))
+    if kind == "dense":
+        return nn.Sequential(nn.Linear(20, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 5), nn.BatchNorm1d(5))
+    if kind == "options":
+        return nn.Sequential(nn.BatchNorm1d(7, affine=False, track_running_stats=False), nn.Linear(7, 4),
+                             nn.BatchNorm1d(4, track_running_stats=False))
+    if kind == "other_norms":
+        return nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4), nn.Flatten(), nn.LayerNorm(36))
     if kind == "nested":
         return nn.ModuleDict({"features": nn.Sequential(
             *(nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)) for _ in range(2)))})
@@ -867,19 +878,13 @@ _COUNT_MODELS = {
     "BatchNorm2d(6, affine=False) and BatchNorm1d(5, track_running_stats=False)": "options",
     "Linear(3, 4) alone: no BN layer": "none",
 }
-_HIDDEN_COUNT_MODELS = {
-    "nested blocks: two (Conv2d, BatchNorm2d(8)) blocks inside a Sequential inside a ModuleDict": "nested",
-    "a bare BatchNorm1d(100)": "bare",
-    "BatchNorm1d(10) with its weight frozen and its bias trainable": "weight_frozen",
-}
+_HIDDEN_COUNT_MODELS = ["frozen", "dense", "options", "other_norms", "nested", "bare", "weight_frozen"]
 
 
 def _count_cases(hidden):
-    cases = [Case(label, {"make": partial(_count_model, kind)}) for label, kind in _COUNT_MODELS.items()]
     if hidden:
-        cases += [Case(label, {"make": partial(_hidden_count_model, kind)})
-                  for label, kind in _HIDDEN_COUNT_MODELS.items()]
-    return cases
+        return [Case(kind, {"make": partial(_hidden_count_model, kind)}) for kind in _HIDDEN_COUNT_MODELS]
+    return [Case(label, {"make": partial(_count_model, kind)}) for label, kind in _COUNT_MODELS.items()]
 
 
 def check_bn_parameter_counts(bn_parameter_counts, hidden=False):
