@@ -22,9 +22,13 @@ channel of a (N, C, H, W) map has n = N * H * W values (Sec. 3.2 of the paper).
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch import nn
+
+from bn_exercises.inference import digits_net, digits_split, train_digits
 
 from .backprop import batchnorm_forward
 
@@ -39,6 +43,7 @@ __all__ = [
     "recalibrate_batchnorm",
     "freeze_batchnorm",
     "bn_parameter_counts",
+    "inference_experiment",
 ]
 
 _SIZE_1_MESSAGE = "Expected more than 1 value per channel when training, got input of shape {}"
@@ -374,3 +379,66 @@ def bn_parameter_counts(model: nn.Module) -> tuple[int, int]:
         for buffer in (bn.running_mean, bn.running_var):
             non_trainable += 0 if buffer is None else buffer.numel()
     return trainable, non_trainable
+
+
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of rows of ``logits`` (n, classes) whose largest entry is at ``y[:n]``."""
+    return (logits.argmax(1) == y[:len(logits)]).float().mean().item()
+
+
+def _in_pairs(net: nn.Module, X: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``net``'s outputs for the images ``X[order]`` predicted two at a time, each put back at its
+    image's index."""
+    outputs = torch.cat([net(X[order[i:i + 2]]) for i in range(0, len(order), 2)])
+    result = torch.empty_like(outputs)
+    result[order] = outputs
+    return result
+
+
+def inference_experiment(seed: int) -> dict:
+    """Chapter 5's graded experiment: the digits network with :class:`TorchBatchNorm`, trained
+    (``train_digits(digits_net(TorchBatchNorm, seed), ..., seed)``), then measured in eval mode,
+    in training mode, and folded (:func:`fold_batchnorm`).
+
+    Returns the keys of ``bn_exercises.inference.EXPERIMENT_KEYS``: eval-mode accuracy with each
+    test image alone and the largest difference from the whole test set at once; whether
+    training mode refuses a single image; training-mode accuracy in consecutive pairs and on the
+    whole test set; the fraction of images whose class changes when paired differently; how far
+    those passes moved ``running_mean``; the largest eval-mode output difference after the BN
+    state is restored; the folded network's largest output difference and its agreement.
+    """
+    X_train, y_train, X_test, y_test = digits_split()
+    net = train_digits(digits_net(TorchBatchNorm, seed), X_train, y_train, seed)
+    bn = net[1]
+    n = len(X_test) // 2 * 2
+    with torch.no_grad():
+        net.eval()
+        alone = torch.cat([net(x[None]) for x in X_test])
+        whole = net(X_test)
+        saved = copy.deepcopy(bn.state_dict())  # a copy: the passes below change the buffers in place
+        net.train()
+        try:
+            net(X_test[:1])
+            refused = False
+        except ValueError:
+            refused = True
+        consecutive = _in_pairs(net, X_test, torch.arange(n))
+        shuffled = _in_pairs(net, X_test, torch.randperm(n, generator=torch.Generator().manual_seed(seed)))
+        train_whole = net(X_test)
+        shift = (bn.running_mean - saved["running_mean"]).abs().max().item()
+        bn.load_state_dict(saved)
+        net.eval()
+        after = net(X_test)
+        folded = nn.Sequential(fold_batchnorm(net[0], bn), net[2], net[3])(X_test)
+    return {
+        "eval_accuracy": _accuracy(alone, y_test),
+        "eval_batch_difference": (alone - whole).abs().max().item(),
+        "single_image_error": refused,
+        "train_accuracy_pairs": _accuracy(consecutive, y_test),
+        "train_accuracy_whole": _accuracy(train_whole, y_test),
+        "pairing_changes": (consecutive.argmax(1) != shuffled.argmax(1)).float().mean().item(),
+        "running_mean_shift": shift,
+        "restored_difference": (after - whole).abs().max().item(),
+        "fold_difference": (folded - after).abs().max().item(),
+        "fold_agreement": (folded.argmax(1) == after.argmax(1)).float().mean().item(),
+    }

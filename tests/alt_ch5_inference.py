@@ -147,3 +147,54 @@ def bn_parameter_counts(model):
             else:
                 frozen += value.numel()
     return trainable, frozen
+
+
+def inference_experiment(seed):
+    """The experiment with this module's layer and fold: accuracies by counting, the BN state
+    saved by cloning each tensor, the second pairing from a NumPy permutation."""
+    from bn_exercises.inference import digits_net, digits_split, train_digits
+
+    X_train, y_train, X_test, y_test = digits_split()
+    net = train_digits(digits_net(TorchBatchNorm, seed), X_train, y_train, seed)
+    linear, bn, tail = net[0], net[1], net[2:]
+    labels = y_test.numpy()
+
+    def classes(outputs):
+        return np.array([int(o.argmax()) for o in outputs])
+
+    with torch.no_grad():
+        bn.eval()  # every other module has no mode-dependent behaviour
+        one_by_one = [net(X_test[i:i + 1])[0] for i in range(len(X_test))]
+        all_at_once = net(X_test)
+        state = {k: v.clone() for k, v in bn.state_dict().items()}
+        bn.train()
+        try:
+            net(X_test[0:1])
+            refused = False
+        except ValueError:
+            refused = True
+        half = len(X_test) // 2
+        first = np.concatenate([classes(net(X_test[2 * i:2 * i + 2])) for i in range(half)])
+        perm = np.random.default_rng(seed).permutation(2 * half)
+        second = np.empty(2 * half, dtype=int)
+        for i in range(half):
+            idx = perm[2 * i:2 * i + 2]
+            second[idx] = classes(net(X_test[torch.from_numpy(idx)]))
+        whole_training = classes(net(X_test))
+        moved = float(torch.max(torch.abs(bn.running_mean - state["running_mean"])))
+        bn.load_state_dict(state)
+        bn.eval()
+        restored = net(X_test)
+        folded = tail(fold_batchnorm(linear, bn)(X_test))
+    return {
+        "eval_accuracy": float(np.mean(classes(one_by_one) == labels)),
+        "eval_batch_difference": max(float((a - b).abs().max()) for a, b in zip(one_by_one, all_at_once)),
+        "single_image_error": refused,
+        "train_accuracy_pairs": float(np.mean(first == labels[:2 * half])),
+        "train_accuracy_whole": float(np.mean(whole_training == labels)),
+        "pairing_changes": float(np.mean(first != second)),
+        "running_mean_shift": moved,
+        "restored_difference": float((restored - all_at_once).abs().max()),
+        "fold_difference": float((folded - restored).abs().max()),
+        "fold_agreement": float(np.mean(classes(folded) == classes(restored))),
+    }

@@ -16,6 +16,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from torch.optim.swa_utils import update_bn
 
 import alt_ch5_inference as alt
+import bn_exercises.inference as learner
 from chapter_suite import CatalogueSuite, CycleSuite
 from bn_reference import inference as ref
 from bn_reference.grading import CheckFailed
@@ -392,11 +393,12 @@ class TestGrading(CatalogueSuite):
         "fold_batchnorm": grading.check_fold_batchnorm,
         "recalibrate_batchnorm": grading.check_recalibrate_batchnorm,
         "bn_parameter_counts": grading.check_bn_parameter_counts,
+        "inference_experiment": grading.check_inference_experiment,
     }
     catalogue = grading.CATALOGUE
     alt = alt
     reference = ref
-
+    learner = learner
 
 
 class _PyTorchsOwnBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -440,7 +442,7 @@ class _NumpyViewOfPyTorch:
 def test_pytorchs_own_modules_pass_the_layer_checks(hidden, capsys, monkeypatch):
     """The checks' expectations are PyTorch's: its own module passes them
     (with its batch-norm kernel allowed, which the check otherwise refuses)."""
-    monkeypatch.setattr(grading, "_refusing_builtin_batch_norm", contextlib.nullcontext)
+    monkeypatch.setattr(learner, "_refusing_builtin_batch_norm", lambda who: contextlib.nullcontext())
     grading.check_torch_batchnorm(_PyTorchsOwnBatchNorm, hidden=hidden)
     grading.check_batchnorm(_NumpyViewOfPyTorch, hidden=hidden)
     grading.check_fold_batchnorm(lambda layer, bn: (fuse_linear_bn_eval if isinstance(layer, nn.Linear)
@@ -537,7 +539,8 @@ def test_errors_of_the_checks_own_calls_are_attributed_to_them():
     with pytest.raises(CheckFailed) as failure:
         grading.check_fold_batchnorm(_fold_without_dtype)
     message = str(failure.value)
-    assert failure.value.misconception == grading.FOLD_CATALOGUE[-1].name and "dtype=layer.weight.dtype" in message
+    dtype_entry = next(m for m in grading.FOLD_CATALOGUE if m.name.startswith("the folded layer is created"))
+    assert failure.value.misconception == dtype_entry.name and "dtype=layer.weight.dtype" in message
     assert "the check's call folded(x)" in message and "fold_batchnorm raised" not in message
 
     class Detached(alt.TorchBatchNorm):
@@ -587,12 +590,251 @@ def test_learners_mistakes_that_used_to_pass_are_named(check, wrong, name, hidde
     assert failure.value.misconception == name
 
 
+class _TorchDefaultVariance(alt.TorchBatchNorm):
+    """Normalizes with x.var(dim) - torch.var's default divides by n - 1 - and stores it as is."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        dims, shape = [0, *range(2, x.dim())], (1, -1) + (1,) * (x.dim() - 2)
+        n = x.numel() // x.shape[1]
+        if n < 2:
+            raise ValueError("Expected more than 1 value per channel when training")
+        mean, var = x.mean(dims), x.var(dims)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            f = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
+            self.running_mean.mul_(1 - f).add_(f * mean)
+            self.running_var.mul_(1 - f).add_(f * var)
+        y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+class _CS231nStyle(alt.BatchNorm):
+    """CS231n's assignment's update: the momentum on the old value, the biased variance."""
+
+    def forward(self, x):
+        x = np.asarray(x, dtype=np.float64)
+        axes, shape = (0, *range(2, x.ndim)), (1, -1) + (1,) * (x.ndim - 2)
+        if not self.training:
+            x_hat = (x - self.running_mean.reshape(shape)) / np.sqrt(self.running_var.reshape(shape) + self.eps)
+            return self.gamma.reshape(shape) * x_hat + self.beta.reshape(shape)
+        if x.size // x.shape[1] < 2:
+            raise ValueError("Expected more than 1 value per channel when training")
+        mu, var = x.mean(axis=axes), x.var(axis=axes)
+        self.num_batches_tracked += 1
+        m = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked
+        self.running_mean = m * self.running_mean + (1 - m) * mu
+        self.running_var = m * self.running_var + (1 - m) * var
+        x_hat = (x - mu.reshape(shape)) / np.sqrt(var.reshape(shape) + self.eps)
+        return self.gamma.reshape(shape) * x_hat + self.beta.reshape(shape)
+
+
+class _NoModeSwitch(alt.BatchNorm):
+    """Ignores self.training: batch statistics and an update on every call."""
+
+    def forward(self, x):
+        training = self.training
+        self.training = True
+        try:
+            return super().forward(x)
+        finally:
+            self.training = training
+
+
+def _parameters_only(model):
+    """Counts what parameters() holds, all of it as trainable."""
+    bns = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    return sum(p.numel() for bn in bns for p in bn.parameters()), 0
+
+
+def _bias_is_beta(layer, bn):
+    """The new bias set to beta alone."""
+    folded = copy.deepcopy(layer)
+    s = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    with torch.no_grad():
+        folded.weight.mul_(s.view(-1, *[1] * (layer.weight.dim() - 1)))
+        folded.bias = nn.Parameter(bn.bias.detach().clone())
+    return folded
+
+
+@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
+@pytest.mark.parametrize("check, wrong, name", [
+    (grading.check_torch_batchnorm, _TorchDefaultVariance, "normalized with the unbiased batch variance (divide by n - 1)"),
+    (grading.check_batchnorm, _CS231nStyle,
+     "momentum applied to the wrong side (Keras convention in a PyTorch-convention layer); also biased batch "
+     "variance stored in running_var"),
+    (grading.check_batchnorm, _NoModeSwitch,
+     "batch statistics used in eval mode; also running statistics updated in eval mode"),
+    (grading.check_bn_parameter_counts, _parameters_only,
+     "running mean and variance not counted; also requires_grad ignored: frozen gamma and beta counted as "
+     "trainable"),
+    (grading.check_fold_batchnorm, _bias_is_beta,
+     "the fold forgets the preceding layer's bias; also the fold forgets to subtract running_mean in the new bias"),
+], ids=["torch.var default", "CS231n style", "no mode switch", "parameters only", "bias is beta"])
+def test_real_code_with_two_mistakes_gets_both_named(check, wrong, name, hidden):
+    """Written as real code is written, not taken from the catalogue: the two mistakes such code
+    makes together are named together, on visible and on hidden cases."""
+    with pytest.raises(CheckFailed) as failure:
+        check(wrong, hidden=hidden)
+    assert failure.value.misconception == name
+
+
+# --- the graded experiment -----------------------------------------------------
+
+#: Seeds on which the experiment's margins are proven (the visible seed 0 among them).
+MARGIN_SEEDS = range(5)
+
+
+def _slacks(results):
+    """How far each margin of the experiment's check is from failing (positive: it holds)."""
+    n = {k: float(v) for k, v in results.items()}
+    return {
+        "learned": n["eval_accuracy"] - learner.LEARNED,
+        "eval one at a time": learner.SAME_OUTPUTS - n["eval_batch_difference"],
+        "pairs gap": n["eval_accuracy"] - n["train_accuracy_pairs"] - learner.PAIRS_GAP,
+        "whole test set": learner.WHOLE_GAP - abs(n["eval_accuracy"] - n["train_accuracy_whole"]),
+        "pairing changes": n["pairing_changes"] - learner.PAIRING_CHANGES,
+        "running_mean shift": n["running_mean_shift"] - learner.SHIFT,
+        "restored": learner.SAME_OUTPUTS - n["restored_difference"],
+        "fold": learner.SAME_OUTPUTS - n["fold_difference"],
+        "fold agreement": n["fold_agreement"] - learner.AGREEMENT,
+    }
+
+
+@pytest.fixture(scope="module")
+def experiment_runs():
+    """{(implementation, seed): results} for the reference and the second implementation, one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {(impl.__module__, seed): impl(seed) for impl in (ref.inference_experiment, alt.inference_experiment)
+                for seed in MARGIN_SEEDS}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_experiments_margins_hold_on_every_seed_for_both_implementations(experiment_runs):
+    """Every margin of check_inference_experiment holds on 5 seeds for the reference and for the
+    second implementation; the smallest slack of each is printed (pytest -s)."""
+    slacks = {key: _slacks(results) for key, results in experiment_runs.items()}
+    failing = {key: [m for m, v in s.items() if v <= 0] for key, s in slacks.items()}
+    assert not any(failing.values()), failing
+    assert all(results["single_image_error"] is True for results in experiment_runs.values())
+    for margin in next(iter(slacks.values())):
+        worst = min(slacks, key=lambda key: slacks[key][margin])
+        print(f"{margin}: smallest slack {slacks[worst][margin]:.3g} ({worst[0]}, seed {worst[1]})")
+
+
+def test_the_experiment_agrees_with_pytorchs_own_layer_and_fusion(experiment_runs, monkeypatch):
+    """The reference experiment run with nn.BatchNorm1d and torch.nn.utils.fusion in place of the
+    course's layer and fold: the same measurements, up to float32 rounding over 300 training steps."""
+    monkeypatch.setattr(ref, "TorchBatchNorm", nn.BatchNorm1d)
+    monkeypatch.setattr(ref, "fold_batchnorm", lambda layer, bn: fuse_linear_bn_eval(copy.deepcopy(layer),
+                                                                                     copy.deepcopy(bn)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        theirs = ref.inference_experiment(0)
+    finally:
+        torch.set_num_threads(threads)
+    ours = experiment_runs[("bn_reference.inference", 0)]
+    for key in ("eval_accuracy", "train_accuracy_pairs", "train_accuracy_whole", "pairing_changes"):
+        assert abs(ours[key] - theirs[key]) <= 0.01, key
+    assert ours["running_mean_shift"] == pytest.approx(theirs["running_mean_shift"], rel=0.01)
+    assert ours["single_image_error"] is theirs["single_image_error"] is True
+    assert ours["restored_difference"] == theirs["restored_difference"] == 0.0
+    assert max(ours["fold_difference"], theirs["fold_difference"], ours["eval_batch_difference"]) < 1e-4
+    assert ours["fold_agreement"] == theirs["fold_agreement"] == 1.0
+
+
+def _experiment_without_copy(seed):
+    """A learner's experiment that saves the BN state as net[1].state_dict(), without a copy."""
+    from bn_exercises.inference import digits_net, digits_split, train_digits
+
+    X_train, y_train, X_test, y_test = digits_split()
+    net = train_digits(digits_net(alt.TorchBatchNorm, seed), X_train, y_train, seed)
+    with torch.no_grad():
+        net.eval()
+        outputs = net(X_test)
+        singles = torch.cat([net(X_test[i:i + 1]) for i in range(len(X_test))])
+        saved = net[1].state_dict()  # the live buffers, which lerp_ changes in place
+        net.train()
+        try:
+            net(X_test[:1])
+            single_error = False
+        except ValueError:
+            single_error = True
+        pairs = torch.cat([net(X_test[i:i + 2]) for i in range(0, 540, 2)])
+        order = torch.randperm(540, generator=torch.Generator().manual_seed(seed))
+        again = torch.empty_like(pairs)
+        for i in range(0, 540, 2):
+            again[order[i:i + 2]] = net(X_test[order[i:i + 2]])
+        whole = net(X_test)
+        shift = (net[1].running_mean - saved["running_mean"]).abs().max().item()
+        net[1].load_state_dict(saved)
+        net.eval()
+        after = net(X_test)
+        folded = nn.Sequential(alt.fold_batchnorm(net[0], net[1]), net[2], net[3])(X_test)
+
+    def accuracy(logits):
+        return (logits.argmax(1) == y_test).float().mean().item()
+
+    return {"eval_accuracy": accuracy(singles), "eval_batch_difference": (singles - outputs).abs().max().item(),
+            "single_image_error": single_error, "train_accuracy_pairs": accuracy(pairs),
+            "train_accuracy_whole": accuracy(whole),
+            "pairing_changes": (pairs.argmax(1) != again.argmax(1)).float().mean().item(),
+            "running_mean_shift": shift, "restored_difference": (after - outputs).abs().max().item(),
+            "fold_difference": (folded - after).abs().max().item(),
+            "fold_agreement": (folded.argmax(1) == after.argmax(1)).float().mean().item()}
+
+
+def _experiment_with_pytorchs_layer(seed):
+    """The second implementation's experiment with nn.BatchNorm1d in the network."""
+    original = alt.TorchBatchNorm
+    alt.TorchBatchNorm = nn.BatchNorm1d
+    try:
+        return alt.inference_experiment(seed)
+    finally:
+        alt.TorchBatchNorm = original
+
+
+@pytest.mark.parametrize("side", ["grader", "learner"])
+def test_a_learners_experiment_without_a_copy_of_the_state_is_named(side):
+    """Written as a learner would: state_dict() saved without a copy restores nothing, and the
+    check names it (where the layer updates its buffers in place, as PyTorch's does)."""
+    check = grading.check_inference_experiment if side == "grader" else learner.check_inference_experiment
+    with pytest.raises(CheckFailed) as failure:
+        check(_experiment_without_copy)
+    assert failure.value.misconception == "the BN state saved without a copy (state_dict() returns the live buffers)"
+    assert "copy.deepcopy(net[1].state_dict())" in str(failure.value)
+
+
+@pytest.mark.parametrize("side", ["grader", "learner"])
+def test_an_experiment_with_pytorchs_own_layer_is_refused(side):
+    check = grading.check_inference_experiment if side == "grader" else learner.check_inference_experiment
+    with pytest.raises(CheckFailed, match="build the network with your own TorchBatchNorm") as failure:
+        check(_experiment_with_pytorchs_layer)
+    assert failure.value.misconception == grading.BUILTIN_BATCH_NORM
+    nn.BatchNorm1d(3)(torch.randn(4, 3))  # PyTorch works again afterwards
+
+
+@pytest.mark.parametrize("returned, message", [
+    ([0.9], "must return a dict with the keys eval_accuracy, "),
+    ({"eval_accuracy": 0.9}, "has no 'eval_batch_difference', "),
+    ({key: torch.tensor([1.0, 2.0]) for key in learner.EXPERIMENT_KEYS}, "'eval_accuracy' must be a number"),
+])
+def test_a_malformed_experiment_result_gets_a_clear_message(returned, message):
+    with pytest.raises(CheckFailed, match=message):
+        learner.check_inference_experiment(lambda seed: returned)
+
+
 # --- the nbgrader cycle -------------------------------------------------------
 
 class TestNbgraderCycle(CycleSuite):
     slug = "ch5_inference"
-    full_score = 12
-    stubs = 8
+    full_score = 14
+    stubs = 9
     buggy = {  # student -> patches of the model answers, and the misconception the grader must name
         "biased_running_var": (
             [("self.running_var = (1 - f) * self.running_var + f * var * n / (n - 1)",
@@ -617,4 +859,7 @@ class TestNbgraderCycle(CycleSuite):
         "one_flag_restored": (
             [("    for m, training in modes:\n        m.training = training", "    model.train(modes[0][1])")],
             "one train/eval flag restored for the whole model instead of each module's own"),
+        "experiment_not_restored": (
+            [("        bn.load_state_dict(saved)\n", "")],
+            "the BN layer's running statistics were not restored after the training-mode passes"),
     }

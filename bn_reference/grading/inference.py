@@ -1,21 +1,26 @@
-"""Chapter 5 - inference and running statistics: grading checks and the misconception catalogue.
+"""Chapter 5 - inference and running statistics: the grader's checks and the misconception catalogue.
 
 Each ``check_*`` takes the learner's class or function, runs it and the
 reference (``bn_reference.inference``) on seeded cases, and raises
 :class:`~bn_reference.grading.CheckFailed` naming the misconception when one of
-the catalogue's wrong implementations reproduces the learner's output.
-``hidden=True`` runs the grader's own cases (other seeds, more edge cases).
+the catalogue's wrong implementations reproduces every output the learner gets
+wrong. ``hidden=True`` runs the grader's own cases (seeded from the course's
+secret, more edge cases). The ``_run_*`` functions that touch the learner's object,
+and the case helpers that build the small models some cases hand to it, live in the
+learner package (:mod:`bn_exercises.inference`); its visible checks replay this
+module's visible cases from recorded answers.
 
 The layer checks run seeded sequences of ``train()`` / ``eval()`` steps, with
 gamma and beta set away from 1 and 0, and compare the output, the gradients
 (PyTorch) and every running statistic after each step. Cases are ordered so that
 each mistake shows first on a case it changes on its own: the structure of the
 module, then the running statistics of a 2-D sequence, then one 4-D step (the
-output only), then the rest. Every ``run_*`` function below is the only code
-that touches the learner's object; it uses neither the reference nor the
-catalogue, and reports a failure of the check's own calls on the learner's
-result (a backward pass, a call of a folded layer) as such, not as a crash of
-the learner's function.
+output only), then the rest.
+
+The catalogue's wrong implementations are switchable: ``bugs`` names the mistakes
+one of them makes, and the pairs that real code makes together (the CS231n
+convention, a layer without a mode switch, ...) are listed after the single
+mistakes as combined entries.
 """
 
 from __future__ import annotations
@@ -26,10 +31,14 @@ from functools import partial
 import numpy as np
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from bn_exercises.inference import (BUILTIN_BATCH_NORM, _count_model, _fold_problem, _frozen,
+                                    _recalibration_model, _run_batchnorm, _run_counts, _run_experiment, _run_fold,
+                                    _run_population, _run_recalibrate, _run_torch_batchnorm, digits_net,
+                                    digits_split, train_digits)
 
 from .. import inference as ref
-from . import Case, CheckFailed, Misconception, report_pass, run_check
+from . import Case, Misconception, case_rng, combined, hidden_seed, report_pass, run_check
 
 __all__ = [
     "check_batchnorm",
@@ -38,54 +47,65 @@ __all__ = [
     "check_fold_batchnorm",
     "check_recalibrate_batchnorm",
     "check_bn_parameter_counts",
+    "check_inference_experiment",
     "CATALOGUE",
+    "BUILTIN_BATCH_NORM",
 ]
 
 
-# --------------------------------------------------------------------------
-# Wrong BN layers: one NumPy and one PyTorch class whose ``bug`` switches on
-# one mistake at a time; bug=None is the right layer.
+def _catalogue(impl, mistakes, pairs=()):
+    """Entries from ``(name, fix, bug)`` rows (``impl`` with ``bugs=(bug,)``), then the
+    combined entries for the ``(bug, bug)`` pairs real code makes together."""
+    single = {bug: Misconception(name, fix, partial(impl, bugs=(bug,))) for name, fix, bug in mistakes}
+    return [*single.values(), *(combined(single[a], single[b], partial(impl, bugs=(a, b))) for a, b in pairs)]
 
-def _running_update(running_mean, running_var, mean, biased_var, n, factor, bug):
+
+# --------------------------------------------------------------------------
+# Wrong BN layers: one NumPy and one PyTorch class whose ``bugs`` switch on
+# mistakes; bugs=() is the right layer.
+
+def _running_update(running_mean, running_var, mean, biased_var, n, factor, bugs):
     """New (running_mean, running_var) with switchable mistakes (NumPy or torch)."""
-    var = biased_var if bug == "biased" else biased_var * n / (n - 1)
-    if bug == "keras_side":  # Keras's form, momentum on the old value
+    var = biased_var if "biased" in bugs else biased_var * n / (n - 1)
+    if "keras_side" in bugs:  # Keras's form, momentum on the old value
         return factor * running_mean + (1 - factor) * mean, factor * running_var + (1 - factor) * var
-    if bug == "keras_copy_decays":  # Keras/CS231n form with its (1 - momentum) * batch_var term lost
+    if "keras_copy_decays" in bugs:  # Keras/CS231n form with its (1 - momentum) * batch_var term lost
         return factor * running_mean + (1 - factor) * mean, factor * running_var
-    new_var = (1 - factor) * running_var if bug == "decays" else (1 - factor) * running_var + factor * var
+    new_var = (1 - factor) * running_var if "decays" in bugs else (1 - factor) * running_var + factor * var
     return (1 - factor) * running_mean + factor * mean, new_var
 
 
-def _refuses(x_shape, n, training, bug):
+def _refuses(x_shape, n, training, bugs):
     """Whether a wrong layer raises the one-value-per-channel error."""
-    if bug == "batch_of_one_refused":
+    if "batch_of_one_refused" in bugs:
         return training and x_shape[0] < 2
-    if bug == "no_size_1_error":
+    if "no_size_1_error" in bugs:
         return False
-    return n == 1 and (training or bug != "size_1_only_in_training")
+    return n == 1 and (training or "size_1_only_in_training" not in bugs)
 
 
-def _normalized(x, mu, v, eps, bug):
+def _normalized(x, mu, v, eps, bugs):
     """(x - mu) / sqrt(v + eps), or one of the classic slips with eps."""
-    if bug == "no_eps":
+    if "eps_ignored" in bugs:
+        eps = 1e-5
+    if "no_eps" in bugs:
         return (x - mu) / v ** 0.5
-    if bug == "eps_outside_sqrt":
+    if "eps_outside_sqrt" in bugs:
         return (x - mu) / (v ** 0.5 + eps)
     return (x - mu) / (v + eps) ** 0.5
 
 
-def _affine(x_hat, gamma, beta, training, bug):
-    if gamma is None or bug == "no_affine" or (bug == "eval_ignores_affine" and not training):
+def _affine(x_hat, gamma, beta, training, bugs):
+    if gamma is None or "no_affine" in bugs or ("eval_ignores_affine" in bugs and not training):
         return x_hat
     return x_hat * gamma + beta
 
 
 class _WrongBatchNorm:
-    """NumPy BN layer (PyTorch's conventions) with one switchable mistake."""
+    """NumPy BN layer (PyTorch's conventions) with switchable mistakes."""
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, bug=None):
-        self.eps, self.momentum, self.bug = eps, momentum, bug
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, bugs=()):
+        self.eps, self.momentum, self.bugs = eps, momentum, bugs
         self.gamma, self.beta = np.ones(num_features), np.zeros(num_features)
         self.running_mean, self.running_var = np.zeros(num_features), np.ones(num_features)
         self.num_batches_tracked, self.training = 0, True
@@ -102,82 +122,88 @@ class _WrongBatchNorm:
         x = np.asarray(x, dtype=np.float64)
         axes, shape = (0, *range(2, x.ndim)), (1, -1) + (1,) * (x.ndim - 2)
         n = x.size // x.shape[1]
-        if _refuses(x.shape, n, self.training, self.bug):
+        if _refuses(x.shape, n, self.training, self.bugs):
             raise ValueError("Expected more than 1 value per channel when training")
         mean, var = x.mean(axis=axes), x.var(axis=axes)
-        if self.training or self.bug == "batch_stats_in_eval":
-            if self.bug == "per_activation" and x.ndim == 4:
+        if self.training or "batch_stats_in_eval" in self.bugs:
+            if "per_activation" in self.bugs and x.ndim == 4:
                 mu, v = x.mean(axis=0, keepdims=True), x.var(axis=0, keepdims=True)
             else:
                 mu, v = mean.reshape(shape), var.reshape(shape)
+            if "unbiased_forward" in self.bugs:
+                v = v * n / (n - 1)
         else:
             mu, v = self.running_mean.reshape(shape), self.running_var.reshape(shape)
-        out = _affine(_normalized(x, mu, v, self.eps, self.bug), self.gamma.reshape(shape),
-                      self.beta.reshape(shape), self.training, self.bug)
-        if self.training or self.bug == "update_in_eval":
-            self.num_batches_tracked += self.bug != "no_count"
+        out = _affine(_normalized(x, mu, v, self.eps, self.bugs), self.gamma.reshape(shape),
+                      self.beta.reshape(shape), self.training, self.bugs)
+        if self.training or "update_in_eval" in self.bugs:
+            self.num_batches_tracked += "no_count" not in self.bugs
             factor = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked
-            m = x.shape[0] if self.bug == "bessel_uses_batch_size" else n
+            m = x.shape[0] if "bessel_uses_batch_size" in self.bugs else n
             self.running_mean, self.running_var = _running_update(
-                self.running_mean, self.running_var, mean, var, m, factor, self.bug)
+                self.running_mean, self.running_var, mean, var, m, factor, self.bugs)
         return out
 
 
 class _WrongTorchBatchNorm(nn.Module):
-    """PyTorch BN layer (nn.BatchNorm2d's interface) with one switchable mistake."""
+    """PyTorch BN layer (nn.BatchNorm2d's interface) with switchable mistakes."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, bug=None):
+                 device=None, dtype=None, bugs=()):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        stats_factory = {} if bug == "factory_ignored" else factory
-        self.eps, self.momentum, self.bug, self.track_running_stats = eps, momentum, bug, track_running_stats
-        self.names = ("gamma", "beta") if bug == "gamma_beta_names" else ("weight", "bias")
+        stats_factory = {} if "factory_ignored" in bugs else factory
+        self.eps, self.momentum, self.bugs, self.track_running_stats = eps, momentum, bugs, track_running_stats
+        self.names = ("gamma", "beta") if "gamma_beta_names" in bugs else ("weight", "bias")
         for name, init in zip(self.names, (torch.ones, torch.zeros)):
             self.register_parameter(name, nn.Parameter(init(num_features, **factory)) if affine else None)
         stats = {"running_mean": torch.zeros(num_features, **stats_factory),
                  "running_var": torch.ones(num_features, **stats_factory)}
         for name, value in stats.items():
-            if track_running_stats and bug == "as_parameters":
+            if track_running_stats and "as_parameters" in bugs:
                 setattr(self, name, nn.Parameter(value))
             else:
                 self.register_buffer(name, value if track_running_stats else None)
-        counter = {"float_counter": torch.tensor(0.0, **stats_factory),
-                   "counter_on_cpu": torch.tensor(0), "factory_ignored": torch.tensor(0)}.get(
-            bug, torch.tensor(0, dtype=torch.long, device=device))
+        counters = {"float_counter": torch.tensor(0.0, **stats_factory), "counter_on_cpu": torch.tensor(0),
+                    "factory_ignored": torch.tensor(0)}
+        counter = next((counters[b] for b in bugs if b in counters),
+                       torch.tensor(0, dtype=torch.long, device=device))
         self.register_buffer("num_batches_tracked", counter if track_running_stats else None)
 
     def forward(self, x):
-        use_batch = self.training or self.running_mean is None or self.bug == "batch_stats_in_eval"
+        use_batch = self.training or self.running_mean is None or "batch_stats_in_eval" in self.bugs
         n = x.numel() // x.shape[1]
-        if use_batch and _refuses(x.shape, n, self.training, self.bug):
+        if use_batch and _refuses(x.shape, n, self.training, self.bugs):
             raise ValueError("Expected more than 1 value per channel when training")
         dims, shape = [0, *range(2, x.dim())], (1, -1) + (1,) * (x.dim() - 2)
         mean, var = x.mean(dim=dims), x.var(dim=dims, correction=0)
         if not use_batch:
             mu, v = self.running_mean.view(shape), self.running_var.view(shape)
-        elif self.bug == "per_activation" and x.dim() == 4:
+        elif "per_activation" in self.bugs and x.dim() == 4:
             mu, v = x.mean(dim=0, keepdim=True), x.var(dim=0, correction=0, keepdim=True)
         else:
             mu, v = mean.view(shape), var.view(shape)
+        if use_batch and "unbiased_forward" in self.bugs:  # torch.var's default, correction=1
+            v = v * n / (n - 1)
         gamma, beta = (getattr(self, name) for name in self.names)
-        y = _affine(_normalized(x, mu, v, self.eps, self.bug), None if gamma is None else gamma.view(shape),
-                    None if beta is None else beta.view(shape), self.training, self.bug)
-        if self.running_mean is not None and (self.training or self.bug == "update_in_eval"):
-            self._update(mean, var, x.shape[0] if self.bug == "bessel_uses_batch_size" else n)
+        y = _affine(_normalized(x, mu, v, self.eps, self.bugs), None if gamma is None else gamma.view(shape),
+                    None if beta is None else beta.view(shape), self.training, self.bugs)
+        if self.running_mean is not None and (self.training or "update_in_eval" in self.bugs):
+            self._update(mean, var, x.shape[0] if "bessel_uses_batch_size" in self.bugs else n)
         return y
 
     def _update(self, mean, var, n):
-        if self.bug == "graph_attached":  # no torch.no_grad(), no detach, not in place
+        if "graph_attached" in self.bugs:  # no torch.no_grad(), no detach, not in place
             self.num_batches_tracked += 1
             factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
             self.running_mean, self.running_var = _running_update(
-                self.running_mean, self.running_var, mean, var, n, factor, None)
+                self.running_mean, self.running_var, mean, var, n, factor, ())
             return
         with torch.no_grad():
-            self.num_batches_tracked += int(self.bug != "no_count")
+            self.num_batches_tracked += int("no_count" not in self.bugs)
             factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            new_mean, new_var = _running_update(self.running_mean, self.running_var, mean, var, n, factor, self.bug)
+            new_mean, new_var = _running_update(self.running_mean, self.running_var, mean, var, n, factor,
+                                                self.bugs)
             self.running_mean.copy_(new_mean)
             self.running_var.copy_(new_var)
 
@@ -250,6 +276,15 @@ _LAYER_MISTAKES = [
      "the error is about values per channel, n = N * L or N * H * W, not about N: a (1, C, H, W) batch with "
      "H * W > 1 or a (1, C, L) batch with L > 1 trains fine in PyTorch. Raise only when n == 1.",
      "batch_of_one_refused"),
+    ("normalized with the unbiased batch variance (divide by n - 1)",
+     "the forward pass normalizes with the biased batch variance, divide by n (Algorithm 1): x.var(axis=..., "
+     "ddof=0) in NumPy, x.var(dim=..., correction=0) in PyTorch, whose torch.var divides by n - 1 unless told "
+     "otherwise. Only running_var takes the unbiased one, var * n / (n - 1).",
+     "unbiased_forward"),
+    ("the constructor's eps ignored (eps hard-coded to 1e-5)",
+     "use the eps the layer was built with (self.eps), in training and in eval mode: a layer built with "
+     "eps=1e-3 (Keras's default) must add 1e-3 to the variance.",
+     "eps_ignored"),
 ]
 
 _TORCH_MISTAKES = [
@@ -286,197 +321,277 @@ _TORCH_MISTAKES = [
      "size_1_only_in_training"),
 ]
 
-BATCHNORM_CATALOGUE = [Misconception(name, fix, partial(_WrongBatchNorm, bug=bug))
-                       for name, fix, bug in _LAYER_MISTAKES]
+
+#: Mistakes real code makes together: the CS231n convention (the momentum on the old value and the biased
+#: running variance, as in CS231n's assignment), a layer without a mode switch, the two variances swapped.
+_LAYER_PAIRS = [("keras_side", "biased"), ("batch_stats_in_eval", "update_in_eval"), ("unbiased_forward", "biased")]
+BATCHNORM_CATALOGUE = _catalogue(_WrongBatchNorm, _LAYER_MISTAKES, _LAYER_PAIRS)
 # The eval-only size error goes before the general one: where both reproduce a learner's
 # output, the earlier entry is named.
 _TORCH_ORDER = sorted(_LAYER_MISTAKES + _TORCH_MISTAKES, key=lambda m: m[2] != "size_1_only_in_training")
-TORCH_BATCHNORM_CATALOGUE = [Misconception(name, fix, partial(_WrongTorchBatchNorm, bug=bug))
-                             for name, fix, bug in _TORCH_ORDER]
+TORCH_BATCHNORM_CATALOGUE = _catalogue(_WrongTorchBatchNorm, _TORCH_ORDER, _LAYER_PAIRS)
 
 
-def _population(means, variances, m, bug=None):
+def _population(means, variances, m, bugs=()):
     """Algorithm 2 with switchable mistakes."""
     means, variances = np.asarray(means, dtype=np.float64), np.asarray(variances, dtype=np.float64)
     k = len(means)
-    if bug == "var_of_means":
+    if "var_of_means" in bugs:
         return means.mean(axis=0), means.var(axis=0)
-    factor = {None: m / (m - 1), "biased": 1.0, "inverted": (m - 1) / m, "batches": k / (k - 1)}[bug]
+    factor = m / (m - 1)
+    if "biased" in bugs:
+        factor = 1.0
+    elif "inverted" in bugs:
+        factor = (m - 1) / m
+    elif "batches" in bugs:
+        factor = k / (k - 1)
     return means.mean(axis=0), factor * variances.mean(axis=0)
 
 
-POPULATION_CATALOGUE = [
-    Misconception(
-        "no m / (m - 1) correction: the population variance is biased",
-        "each batch variance divides by m, so their average underestimates Var[x]: multiply it by "
-        "m / (m - 1) (Algorithm 2), m = batch_size.",
-        partial(_population, bug="biased")),
-    Misconception(
-        "correction inverted: (m - 1) / m instead of m / (m - 1)",
-        "the batch variances are too small by the factor (m - 1) / m, so multiply by its inverse m / (m - 1).",
-        partial(_population, bug="inverted")),
-    Misconception(
-        "correction uses the number of batches instead of the batch size",
-        "m in m / (m - 1) is the size of each mini-batch (batch_size), not the number of batches K.",
-        partial(_population, bug="batches")),
-    Misconception(
-        "variance of the batch means instead of the mean of the batch variances",
-        "the spread of the batch means measures how noisy mu_B is, not how spread out x is: "
-        "Var[x] = m / (m - 1) * mean_k(batch_vars[k]).",
-        partial(_population, bug="var_of_means")),
-]
+POPULATION_CATALOGUE = _catalogue(_population, [
+    ("no m / (m - 1) correction: the population variance is biased",
+     "each batch variance divides by m, so their average underestimates Var[x]: multiply it by "
+     "m / (m - 1) (Algorithm 2), m = batch_size.",
+     "biased"),
+    ("correction inverted: (m - 1) / m instead of m / (m - 1)",
+     "the batch variances are too small by the factor (m - 1) / m, so multiply by its inverse m / (m - 1).",
+     "inverted"),
+    ("correction uses the number of batches instead of the batch size",
+     "m in m / (m - 1) is the size of each mini-batch (batch_size), not the number of batches K.",
+     "batches"),
+    ("variance of the batch means instead of the mean of the batch variances",
+     "the spread of the batch means measures how noisy mu_B is, not how spread out x is: "
+     "Var[x] = m / (m - 1) * mean_k(batch_vars[k]).",
+     "var_of_means"),
+])
 
 
-def _fold(layer, bn, bug=None):
+def _fold(layer, bn, bugs=()):
     """BN folding with switchable mistakes; copies ``layer`` and rescales the copy."""
-    eps = 0.0 if bug == "no_eps" else bn.eps
-    scale = bn.weight.detach() / (bn.running_var + eps if bug == "variance" else torch.sqrt(bn.running_var + eps))
-    bias = layer.bias.detach() if layer.bias is not None and bug != "no_bias" else 0.0
-    mean = 0.0 if bug == "mean_kept" else bn.running_mean
+    eps = 0.0 if "no_eps" in bugs else bn.eps
+    std = torch.sqrt(bn.running_var + eps)
+    scale = bn.weight.detach() / (bn.running_var + eps if "variance" in bugs else std)
+    bias = layer.bias.detach() if layer.bias is not None and "no_bias" not in bugs else 0.0
+    mean = 0.0 if "mean_kept" in bugs else bn.running_mean
     folded = copy.deepcopy(layer)
-    dtype = torch.float32 if bug == "default_dtype" else layer.weight.dtype  # built without dtype=
+    dtype = torch.float32 if "default_dtype" in bugs else layer.weight.dtype  # built without dtype=
     weight = layer.weight.detach() * scale.view(-1, *[1] * (layer.weight.dim() - 1))
     folded.weight = nn.Parameter(weight.to(dtype))
     folded.bias = nn.Parameter(((bias - mean) * scale + bn.bias.detach()).to(dtype))
     return folded
 
 
-FOLD_CATALOGUE = [
-    Misconception(
-        "the fold forgets eps",
-        "BN divides by sqrt(running_var + eps), not sqrt(running_var): "
-        "s = gamma / sqrt(running_var + bn.eps).",
-        partial(_fold, bug="no_eps")),
-    Misconception(
-        "the fold forgets the preceding layer's bias",
-        "the layer's bias b is shifted and scaled like the rest of its output: "
-        "b' = s * (b - running_mean) + beta (b = 0 when the layer has no bias).",
-        partial(_fold, bug="no_bias")),
-    Misconception(
-        "the fold divides by the variance instead of the standard deviation",
-        "s = gamma / sqrt(running_var + eps): take the square root.",
-        partial(_fold, bug="variance")),
-    Misconception(
-        "the fold forgets to subtract running_mean in the new bias",
-        "BN subtracts running_mean before scaling: b' = s * (b - running_mean) + beta, not s * b + beta.",
-        partial(_fold, bug="mean_kept")),
-    Misconception(
-        "the folded layer is created in the default dtype (float32), not in the layer's dtype",
-        "build the new layer with the old one's dtype and device, e.g. nn.Linear(layer.in_features, "
-        "layer.out_features, dtype=layer.weight.dtype, device=layer.weight.device); otherwise it is float32 "
-        "and refuses the float64 inputs the float64 layer took.",
-        partial(_fold, bug="default_dtype")),
-]
+#: Two slips in the new bias at once (it becomes beta alone), and a float32 layer whose bias also
+#: forgets the old one: both seen where the bias is written out by hand.
+FOLD_CATALOGUE = _catalogue(_fold, [
+    ("the fold forgets eps",
+     "BN divides by sqrt(running_var + eps), not sqrt(running_var): s = gamma / sqrt(running_var + bn.eps).",
+     "no_eps"),
+    ("the fold forgets the preceding layer's bias",
+     "the layer's bias b is shifted and scaled like the rest of its output: "
+     "b' = s * (b - running_mean) + beta (b = 0 when the layer has no bias).",
+     "no_bias"),
+    ("the fold divides by the variance instead of the standard deviation",
+     "s = gamma / sqrt(running_var + eps): take the square root.",
+     "variance"),
+    ("the fold forgets to subtract running_mean in the new bias",
+     "BN subtracts running_mean before scaling: b' = s * (b - running_mean) + beta, not s * b + beta.",
+     "mean_kept"),
+    ("the folded layer is created in the default dtype (float32), not in the layer's dtype",
+     "build the new layer with the old one's dtype and device, e.g. nn.Linear(layer.in_features, "
+     "layer.out_features, dtype=layer.weight.dtype, device=layer.weight.device); otherwise it is float32 "
+     "and refuses the float64 inputs the float64 layer took.",
+     "default_dtype"),
+], [("no_bias", "mean_kept"), ("default_dtype", "no_bias")])
 
 
 @torch.no_grad()
-def _recalibrate(model, batches, bug=None):
+def _recalibrate(model, batches, bugs=()):
     """Precise BN with switchable mistakes."""
     bns = ref.batchnorm_layers(model)
     modes, momenta = {m: m.training for m in model.modules()}, [bn.momentum for bn in bns]
     was_training = model.training
-    model.train(bug == "dropout_on")
+    model.train("dropout_on" in bugs)
     for bn in bns:
-        if bug != "no_reset":
+        if "no_reset" not in bugs:
             bn.reset_running_stats()
-        bn.momentum = bn.momentum if bug == "ema" else None
-        bn.train(bug != "bn_in_eval")
+        bn.momentum = bn.momentum if "ema" in bugs else None
+        bn.train("bn_in_eval" not in bugs)
     for x in batches:
         model(x)
-    if bug != "momentum_kept_none":
+    if "momentum_kept_none" not in bugs:
         for bn, momentum in zip(bns, momenta):
             bn.momentum = momentum
-    if bug == "model_flag":
+    if "model_flag" in bugs:
         model.train(was_training)
-    elif bug != "modes_not_restored":
+    elif "modes_not_restored" not in bugs:
         for m, training in modes.items():
             m.training = training
     return model
 
 
-RECALIBRATE_CATALOGUE = [
-    Misconception(
-        "running statistics not reset before recomputing",
-        "call bn.reset_running_stats() on every BN layer first: otherwise the old estimates and "
-        "num_batches_tracked are averaged in with the new batches.",
-        partial(_recalibrate, bug="no_reset")),
-    Misconception(
-        "an exponential moving average instead of the cumulative average",
-        "set bn.momentum = None while recalibrating, so every batch gets the same weight "
-        "(factor 1 / num_batches_tracked), then restore the old momentum.",
-        partial(_recalibrate, bug="ema")),
-    Misconception(
-        "the BN layers run in eval mode, so nothing is recomputed",
-        "running statistics are only updated in training mode: call bn.train() on the BN layers "
-        "(and run the batches under torch.no_grad(), so no weight changes).",
-        partial(_recalibrate, bug="bn_in_eval")),
-    Misconception(
-        "the whole model in training mode: Dropout is active while the statistics are collected",
-        "put the model in eval mode and only the BN layers in training mode: the statistics must be those "
-        "of the inputs the BN layers see at inference, when Dropout is off.",
-        partial(_recalibrate, bug="dropout_on")),
-    Misconception(
-        "train/eval modes not restored (the BN layers are left in training mode)",
-        "remember every module's training flag before you start and set it back at the end.",
-        partial(_recalibrate, bug="modes_not_restored")),
-    Misconception(
-        "one train/eval flag restored for the whole model instead of each module's own",
-        "model.train(flag) sets every submodule to the same mode, but a model can hold modules in other modes "
-        "(a frozen BN layer in eval mode inside a model in training mode): remember m.training for every m in "
-        "model.modules() and set each back.",
-        partial(_recalibrate, bug="model_flag")),
-    Misconception(
-        "momentum left at None after recalibrating",
-        "remember each BN layer's momentum and set it back at the end, so later training uses the same EMA.",
-        partial(_recalibrate, bug="momentum_kept_none")),
-]
+#: The batches run through with the momentum kept and nothing reset (an EMA on top of the old
+#: statistics), and nothing restored afterwards, neither modes nor momenta.
+RECALIBRATE_CATALOGUE = _catalogue(_recalibrate, [
+    ("running statistics not reset before recomputing",
+     "call bn.reset_running_stats() on every BN layer first: otherwise the old estimates and "
+     "num_batches_tracked are averaged in with the new batches.",
+     "no_reset"),
+    ("an exponential moving average instead of the cumulative average",
+     "set bn.momentum = None while recalibrating, so every batch gets the same weight "
+     "(factor 1 / num_batches_tracked), then restore the old momentum.",
+     "ema"),
+    ("the BN layers run in eval mode, so nothing is recomputed",
+     "running statistics are only updated in training mode: call bn.train() on the BN layers "
+     "(and run the batches under torch.no_grad(), so no weight changes).",
+     "bn_in_eval"),
+    ("the whole model in training mode: Dropout is active while the statistics are collected",
+     "put the model in eval mode and only the BN layers in training mode: the statistics must be those "
+     "of the inputs the BN layers see at inference, when Dropout is off.",
+     "dropout_on"),
+    ("train/eval modes not restored (the BN layers are left in training mode)",
+     "remember every module's training flag before you start and set it back at the end.",
+     "modes_not_restored"),
+    ("one train/eval flag restored for the whole model instead of each module's own",
+     "model.train(flag) sets every submodule to the same mode, but a model can hold modules in other modes "
+     "(a frozen BN layer in eval mode inside a model in training mode): remember m.training for every m in "
+     "model.modules() and set each back.",
+     "model_flag"),
+    ("momentum left at None after recalibrating",
+     "remember each BN layer's momentum and set it back at the end, so later training uses the same EMA.",
+     "momentum_kept_none"),
+], [("no_reset", "ema"), ("modes_not_restored", "momentum_kept_none")])
 
 
-def _counts(model, bug=None):
+def _counts(model, bugs=()):
     """BN parameter counts with switchable mistakes."""
     trainable = non_trainable = 0
     for bn in ref.batchnorm_layers(model):
         for p in bn.parameters(recurse=False):
-            if p.requires_grad or bug in ("frozen_ignored", "all_trainable"):
+            if p.requires_grad or {"frozen_ignored", "all_trainable"} & set(bugs):
                 trainable += p.numel()
             else:
                 non_trainable += p.numel()
-        if bn.running_mean is not None and bug != "buffers_ignored":
+        if bn.running_mean is not None and "buffers_ignored" not in bugs:
             stats = 2 * bn.running_mean.numel()
-            if bug == "all_trainable":
+            if "all_trainable" in bugs:
                 trainable += stats
             else:
-                non_trainable += stats + (bug == "counter")  # the counter: one value per layer
-    if bug == "whole_model":
+                non_trainable += stats + ("counter" in bugs)  # the counter: one value per layer
+    if "whole_model" in bugs:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, non_trainable
 
 
-COUNTS_CATALOGUE = [
-    Misconception(
-        "running mean and variance not counted",
-        "they are buffers, not parameters, so model.parameters() skips them, but the layer stores them: "
-        "add running_mean.numel() + running_var.numel() to the non-trainable count.",
-        partial(_counts, bug="buffers_ignored")),
-    Misconception(
-        "running mean and variance counted as trainable",
-        "running_mean and running_var are buffers estimated by averaging, never by gradient descent: "
-        "count them as non-trainable (Keras: 4 weights per feature, 2 of them trainable).",
-        partial(_counts, bug="all_trainable")),
-    Misconception(
-        "num_batches_tracked counted as a parameter",
-        "num_batches_tracked is an integer step counter, not a statistic of the features: leave it out.",
-        partial(_counts, bug="counter")),
-    Misconception(
-        "requires_grad ignored: frozen gamma and beta counted as trainable",
-        "a parameter with requires_grad=False is not trained: count it as non-trainable.",
-        partial(_counts, bug="frozen_ignored")),
-    Misconception(
-        "the whole model's parameters counted, not only the BN layers'",
-        "count only the parameters and buffers of the BN layers (isinstance(m, (nn.BatchNorm1d, "
-        "nn.BatchNorm2d)) for m in model.modules()).",
-        partial(_counts, bug="whole_model")),
-]
+#: Every value of parameters() counted as trainable and nothing else: the buffers left out and
+#: requires_grad ignored.
+COUNTS_CATALOGUE = _catalogue(_counts, [
+    ("running mean and variance not counted",
+     "they are buffers, not parameters, so model.parameters() skips them, but the layer stores them: "
+     "add running_mean.numel() + running_var.numel() to the non-trainable count.",
+     "buffers_ignored"),
+    ("running mean and variance counted as trainable",
+     "running_mean and running_var are buffers estimated by averaging, never by gradient descent: "
+     "count them as non-trainable (Keras: 4 weights per feature, 2 of them trainable).",
+     "all_trainable"),
+    ("num_batches_tracked counted as a parameter",
+     "num_batches_tracked is an integer step counter, not a statistic of the features: leave it out.",
+     "counter"),
+    ("requires_grad ignored: frozen gamma and beta counted as trainable",
+     "a parameter with requires_grad=False is not trained: count it as non-trainable.",
+     "frozen_ignored"),
+    ("the whole model's parameters counted, not only the BN layers'",
+     "count only the parameters and buffers of the BN layers (isinstance(m, (nn.BatchNorm1d, "
+     "nn.BatchNorm2d)) for m in model.modules()).",
+     "whole_model"),
+], [("buffers_ignored", "frozen_ignored")])
+
+
+# --------------------------------------------------------------------------
+# The graded experiment: wrong experiments, each with the reference's layer and fold
+
+def _accuracy(logits, y):
+    return (logits.argmax(1) == y[:len(logits)]).float().mean().item()
+
+
+def _experiment(seed, bugs=()):
+    """The experiment of ``ref.inference_experiment`` with switchable mistakes."""
+    X_train, y_train, X_test, y_test = digits_split()
+    net = train_digits(digits_net(ref.TorchBatchNorm, seed), X_train, y_train, seed)
+    bn = net[1]
+    with torch.no_grad():
+        net.eval()
+        alone = torch.cat([net(x[None]) for x in X_test])
+        whole = net(X_test)
+        saved = bn.state_dict() if "aliased_state" in bugs else copy.deepcopy(bn.state_dict())
+        net.train("train_not_called" not in bugs)
+        try:
+            net(X_test[:1])
+            refused = False
+        except ValueError:
+            refused = True
+        n = len(X_test) // 2 * 2
+        pairs = torch.cat([net(X_test[i:i + 2]) for i in range(0, n, 2)])
+        order = torch.arange(n) if "same_pairing" in bugs else torch.randperm(
+            n, generator=torch.Generator().manual_seed(seed))
+        shuffled = torch.empty_like(pairs)
+        for i in range(0, n, 2):
+            shuffled[order[i:i + 2]] = net(X_test[order[i:i + 2]])
+        train_whole = net(X_test)
+        shift = (bn.running_mean - saved["running_mean"]).abs().max().item()
+        if "not_restored" not in bugs:
+            bn.load_state_dict(saved)
+        if "shift_after_restore" in bugs:
+            shift = (bn.running_mean - saved["running_mean"]).abs().max().item()
+        if "eval_not_restored" not in bugs:
+            net.eval()
+        after = net(X_test)
+        folded = nn.Sequential(ref.fold_batchnorm(net[0], bn), net[2], net[3])(X_test)
+    return {
+        "eval_accuracy": _accuracy(alone, y_test),
+        "eval_batch_difference": (alone - whole).abs().max().item(),
+        "single_image_error": refused,
+        "train_accuracy_pairs": _accuracy(pairs, y_test),
+        "train_accuracy_whole": _accuracy(train_whole, y_test),
+        "pairing_changes": (pairs.argmax(1) != shuffled.argmax(1)).float().mean().item(),
+        "running_mean_shift": shift,
+        "restored_difference": (after - whole).abs().max().item(),
+        "fold_difference": (folded - after).abs().max().item(),
+        "fold_agreement": (folded.argmax(1) == after.argmax(1)).float().mean().item(),
+    }
+
+
+EXPERIMENT_CATALOGUE = _catalogue(_experiment, [
+    ("the training-mode passes ran in eval mode (net.train() not called before them)",
+     "call net.train() after saving the BN state and before the single image, the pairs and the whole test "
+     "set: in eval mode every prediction uses the running statistics, so nothing depends on the batch, a "
+     "single image is accepted and running_mean does not move.",
+     "train_not_called"),
+    ("the BN layer's running statistics were not restored after the training-mode passes",
+     "after the training-mode passes, put the saved state back with net[1].load_state_dict(saved), where "
+     "saved = copy.deepcopy(net[1].state_dict()) was taken before them: every forward pass in training mode "
+     "overwrites the running statistics.",
+     "not_restored"),
+    ("the BN state saved without a copy (state_dict() returns the live buffers)",
+     "save a copy before the training-mode passes: saved = copy.deepcopy(net[1].state_dict()). state_dict() "
+     "alone returns the layer's own running_mean and running_var, which the passes change in place, so the "
+     "'saved' state changed with them: the shift you measured against it is 0 and restoring it restores nothing.",
+     "aliased_state"),
+    ("the network left in training mode after restoring the BN state (net.eval() not called again)",
+     "call net.eval() after load_state_dict and before measuring restored_difference and the fold: "
+     "load_state_dict restores the running statistics, not the mode, and in training mode the network "
+     "normalizes with the test set's own statistics (and moves running_mean again).",
+     "eval_not_restored"),
+    ("the shuffled pairs are the consecutive pairs again",
+     "pair the images differently the second time: shuffle the indices with torch.randperm(n, generator="
+     "torch.Generator().manual_seed(seed)), predict the images in pairs of that order, and put each output back "
+     "at its image's index before comparing the predicted classes.",
+     "same_pairing"),
+    ("running_mean_shift measured after the BN state was restored",
+     "measure how far running_mean moved right after the training-mode passes, before load_state_dict puts "
+     "the saved values back (afterwards the difference is 0 by construction).",
+     "shift_after_restore"),
+])
 
 CATALOGUE = {
     "BatchNorm": BATCHNORM_CATALOGUE,
@@ -485,11 +600,13 @@ CATALOGUE = {
     "fold_batchnorm": FOLD_CATALOGUE,
     "recalibrate_batchnorm": RECALIBRATE_CATALOGUE,
     "bn_parameter_counts": COUNTS_CATALOGUE,
+    "inference_experiment": EXPERIMENT_CATALOGUE,
 }
 
 
 # --------------------------------------------------------------------------
-# The layer checks. Visible seeds are 0..; hidden seeds start at 1000 and add edge cases.
+# The layer checks. Visible case streams are seeded 0..; hidden ones from the course's secret
+# (case_rng, hidden_seed), and they add edge cases.
 
 def _batches(rng, shapes_and_modes, dtype=np.float64, constant=False):
     """[{mode, x, dout}, ...]; x's channels have their own mean and spread (channel 0
@@ -518,7 +635,7 @@ _FLOAT32_TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 def _layer_cases(hidden: bool, torch_layer: bool):
     """Seeded train/eval sequences for the NumPy and the PyTorch layer."""
-    rng = np.random.default_rng(1000 if hidden else 0)
+    rng = case_rng(hidden, 0)
 
     def case(label, shape_modes, kwargs=None, record="all", dtype=np.float64, affine=True, constant=False):
         kw = dict(kwargs or {})
@@ -591,217 +708,11 @@ def _layer_cases(hidden: bool, torch_layer: bool):
     return cases
 
 
-def _step_label(i, step, with_shape):
-    shape = f" on a {tuple(step['x'].shape)} batch" if with_shape else ""
-    return f"step {i} ({step['mode']}(){shape})"
-
-
-def _step_outputs(record, torch_layer):
-    """The names of what a step of a sequence records (after the step's label)."""
-    names = ["output", "gradient of the input"] if torch_layer else ["output"]
-    if record != "output":
-        names += ["weight.grad", "bias.grad"] if torch_layer else ["training"]
-        names += ["running_mean", "running_var", "num_batches_tracked"]
-        if record == "structure":
-            names.append("running statistics hold an autograd graph")
-    return names
-
-
-def _raised(out, label, record, torch_layer):
-    """A step that raised ValueError: the outcome case records just that; a sequence
-    records it in place of each of the step's outputs."""
-    if record == "outcome":
-        out[label] = "raises ValueError"
-    else:
-        for name in _step_outputs(record, torch_layer):
-            out[f"{label}: {name}"] = "not computed: the step raised ValueError"
-
-
-def _run_batchnorm(cls, case):
-    """Run a NumPy BN layer through the case's steps; record outputs and statistics."""
-    d = case.data
-    make = partial(cls, d["C"], **d["kwargs"])
-
-    def fresh():
-        bn = make()
-        if "gamma" in d:
-            bn.gamma, bn.beta = d["gamma"], d["beta"]
-        return bn
-
-    out = {}
-    if d["record"] == "initial":
-        bn = make()
-        for name in ("gamma", "beta", "running_mean", "running_var", "num_batches_tracked", "training"):
-            out[f"initial {name}"] = copy.deepcopy(getattr(bn, name, "missing"))  # not a view: it changes in place
-        if "gamma" in d:
-            bn.gamma, bn.beta = d["gamma"], d["beta"]
-    else:
-        bn = fresh()
-    for i, step in enumerate(d["steps"], 1):
-        label = _step_label(i, step, d["shapes_in_names"])
-        if d["record"] == "outcome":
-            bn = fresh()
-        getattr(bn, step["mode"])()
-        try:
-            y = bn.forward(step["x"])
-        except ValueError:
-            _raised(out, label, d["record"], False)
-            continue
-        if d["record"] == "outcome":
-            out[label] = "returns an output"
-            continue
-        out[f"{label}: output"] = np.array(y)
-        if d["record"] != "output":
-            out[f"{label}: training"] = bool(bn.training)
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                out[f"{label}: {name}"] = np.array(getattr(bn, name, np.nan), dtype=np.float64)
-    return out
-
-
 def check_batchnorm(BatchNorm, hidden=False):
     """Check the NumPy BatchNorm class over seeded train/eval sequences."""
     __tracebackhide__ = True
     report_pass("BatchNorm", run_check("BatchNorm", BatchNorm, ref.BatchNorm, _layer_cases(hidden, False),
                                        _run_batchnorm, BATCHNORM_CATALOGUE, hidden=hidden))
-
-
-def _names(named) -> str:
-    return ", ".join(sorted(name for name, value in named if value is not None))
-
-
-def _placement(module) -> str:
-    """'name: dtype on device' for every parameter and buffer, sorted by name."""
-    tensors = [*module.named_parameters(), *module.named_buffers()]
-    return "; ".join(f"{name}: {str(t.dtype).replace('torch.', '')} on {t.device.type}"
-                     for name, t in sorted(tensors, key=lambda item: item[0]))
-
-
-def _value(t):
-    """A tensor's values (detached copy), or a word for None / a missing attribute."""
-    if isinstance(t, str) or t is None:
-        return "None" if t is None else t
-    return t.detach().clone()
-
-
-BUILTIN_BATCH_NORM = "PyTorch's own batch norm used instead of your code"
-_BUILTIN_MESSAGE = (
-    "TorchBatchNorm runs PyTorch's own batch-norm kernel ({}), through nn.BatchNorm1d/2d, F.batch_norm, "
-    "torch.batch_norm, F.instance_norm or a reference to one of them saved earlier: compute the mean, the "
-    "variance and the running statistics yourself with tensor operations.")
-
-
-class _RefusingBuiltinBatchNorm(TorchDispatchMode):
-    """While active (on this thread), every call of one of PyTorch's batch-norm kernels
-    (aten::native_batch_norm, aten::_native_batch_norm_legit, aten::cudnn_batch_norm,
-    ...) raises. It sits at the dispatcher, below every Python name, so a reference to
-    F.batch_norm or torch.batch_norm saved before the check started is refused too, and
-    so is F.instance_norm (built on the same kernel); ``used`` remembers the first
-    kernel, in case the learner's code catches the error. It cannot see a kernel run on
-    another thread (dispatch modes are per thread), code that switches Python dispatch
-    modes off on purpose, or other kernels bent to the same end (F.layer_norm or
-    F.group_norm on a transposed tensor)."""
-
-    def __init__(self):
-        super().__init__()
-        self.used = None
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        return False  # otherwise the first use imports torch._dynamo: seconds per grading kernel
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        if "batch_norm" in name:
-            self.used = self.used or name
-            raise CheckFailed(_BUILTIN_MESSAGE.format(name), misconception=BUILTIN_BATCH_NORM)
-        return func(*args, **(kwargs or {}))
-
-
-def _refusing_builtin_batch_norm():
-    return _RefusingBuiltinBatchNorm()
-
-
-def _set_affine(bn, d):
-    """Copy the case's gamma and beta into the module's weight and bias, where it has them."""
-    params = dict(bn.named_parameters(recurse=False))
-    with torch.no_grad():
-        for name, key in (("weight", "gamma"), ("bias", "beta")):
-            if key in d and isinstance(params.get(name), torch.Tensor):
-                params[name].copy_(torch.from_numpy(d[key]))
-
-
-def _backward(y, dout, label):
-    """(y * dout).sum().backward(), the check's own call; a failure is reported as such."""
-    try:
-        (y * dout).sum().backward()
-    except RuntimeError as exc:
-        raise CheckFailed(
-            f"TorchBatchNorm's output at {label} is not connected to its input by autograd, so the check's "
-            f"backward pass failed ({exc}). Compute the output with differentiable tensor operations: not "
-            f"under torch.no_grad(), not through NumPy, not with .detach() on the batch statistics.") from None
-
-
-def _run_torch_batchnorm(cls, case):
-    """Run a BN module through the case's steps, PyTorch's batch-norm kernels refused;
-    record outputs, gradients and buffers."""
-    guard = _refusing_builtin_batch_norm()
-    with guard:
-        out = _torch_steps(cls, case)
-    if getattr(guard, "used", None):  # the learner's code caught the refusal and went on
-        raise CheckFailed(_BUILTIN_MESSAGE.format(guard.used), misconception=BUILTIN_BATCH_NORM)
-    return out
-
-
-def _torch_steps(cls, case):
-    d = case.data
-    make = partial(cls, d["C"], **d["kwargs"])
-    bn, out = make(), {}
-    if not isinstance(bn, nn.Module):
-        raise CheckFailed(f"TorchBatchNorm must be a subclass of nn.Module (class TorchBatchNorm(nn.Module)), "
-                          f"got an instance of {type(bn).__name__}.")
-    if d["record"] in ("structure", "construction"):
-        if d["record"] == "structure":
-            out["state_dict() keys"] = _names(bn.state_dict().items())
-            out["names in parameters()"] = _names(bn.named_parameters())
-            out["names in buffers()"] = _names(bn.named_buffers())
-        out["dtype and device of every parameter and buffer"] = _placement(bn)
-        if d["record"] == "construction":
-            return out
-    _set_affine(bn, d)
-    dtype = d["kwargs"]["dtype"]
-    for i, step in enumerate(d["steps"], 1):
-        label = _step_label(i, step, d["shapes_in_names"])
-        if d["record"] == "outcome":
-            bn = make()
-            _set_affine(bn, d)
-        bn.train(step["mode"] == "train")
-        xt = torch.from_numpy(step["x"]).requires_grad_()  # shares memory with the case: in-place changes show
-        try:
-            y = bn(xt)
-        except ValueError:
-            _raised(out, label, d["record"], True)
-            continue
-        if d["record"] == "outcome":
-            out[label] = "returns an output"
-            continue
-        if not isinstance(y, torch.Tensor):
-            raise CheckFailed(f"TorchBatchNorm's forward must return a tensor, got {type(y).__name__} at {label}.")
-        _backward(y, torch.from_numpy(step["dout"]).to(dtype), label)
-        out[f"{label}: output"] = _value(y)
-        out[f"{label}: gradient of the input"] = _value(xt.grad)
-        if d["record"] == "output":
-            continue
-        for name in ("weight", "bias"):
-            p = getattr(bn, name, "no such parameter")
-            out[f"{label}: {name}.grad"] = p if isinstance(p, str) else _value(None if p is None else p.grad)
-        bn.zero_grad(set_to_none=True)
-        stats = [getattr(bn, name, "missing") for name in ("running_mean", "running_var", "num_batches_tracked")]
-        for name, t in zip(("running_mean", "running_var", "num_batches_tracked"), stats):
-            out[f"{label}: {name}"] = _value(t)
-        if d["record"] == "structure":
-            out[f"{label}: running statistics hold an autograd graph"] = any(
-                getattr(t, "grad_fn", None) is not None for t in stats)
-    return out
 
 
 def check_torch_batchnorm(TorchBatchNorm, hidden=False):
@@ -817,7 +728,7 @@ def check_torch_batchnorm(TorchBatchNorm, hidden=False):
 # Algorithm 2
 
 def _population_cases(hidden):
-    rng = np.random.default_rng(1001 if hidden else 1)
+    rng = case_rng(hidden, 1)
     settings = [(6, 3, 8, np.float64), (3, 1, 2, np.float64), (5, 4, 32, np.float64)]
     if hidden:
         settings += [(2, 6, 3, np.float64), (40, 2, 16, np.float64), (1, 3, 10, np.float64), (4, 3, 6, np.float32)]
@@ -835,12 +746,6 @@ def _population_cases(hidden):
     return cases
 
 
-def _run_population(fn, case):
-    d = case.data
-    mean, var = fn(d["means"], d["vars"], d["m"])
-    return {"mean": np.asarray(mean), "var": np.asarray(var)}
-
-
 def check_population_statistics(population_statistics, hidden=False):
     """Check population_statistics(batch_means, batch_vars, batch_size) -> (mean, var)."""
     __tracebackhide__ = True
@@ -851,31 +756,6 @@ def check_population_statistics(population_statistics, hidden=False):
 
 # --------------------------------------------------------------------------
 # Folding
-
-def _fill(module, gen):
-    """Random parameters and running statistics (running_var in [0.2, 3])."""
-    with torch.no_grad():
-        for name, t in module.named_parameters():
-            t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype))
-        if getattr(module, "running_var", None) is not None:
-            module.running_mean.copy_(2 * torch.randn(module.running_mean.shape, generator=gen))
-            module.running_var.copy_(0.2 + 2.8 * torch.rand(module.running_var.shape, generator=gen))
-            module.num_batches_tracked.fill_(17)
-
-
-def _fold_problem(seed, conv=None, in_out=(5, 4), bias=True, eps=1e-5, bn_training=False, dtype=torch.float64):
-    """(layer, bn): a Linear or Conv2d (``conv`` holds its settings) and a BN layer after it."""
-    gen = torch.Generator().manual_seed(seed)
-    i, o = in_out
-    if conv is None:
-        layer, bn = nn.Linear(i, o, bias=bias), nn.BatchNorm1d(o, eps=eps)
-    else:
-        layer, bn = nn.Conv2d(i, o, bias=bias, **conv), nn.BatchNorm2d(o, eps=eps)
-    layer, bn = layer.to(dtype), bn.to(dtype)
-    _fill(layer, gen)
-    _fill(bn, gen)
-    bn.train(bn_training)
-    return layer, bn
 
 
 def _fold_case(label, seed, conv=None, in_out=(5, 4), dtype=torch.float64, **kwargs):
@@ -889,7 +769,7 @@ def _fold_case(label, seed, conv=None, in_out=(5, 4), dtype=torch.float64, **kwa
 
 
 def _fold_cases(hidden):
-    s = 1002 if hidden else 2
+    s = hidden_seed(2) if hidden else 2
     cases = [
         _fold_case("float64 Linear(5, 4) with bias, BatchNorm1d(4, eps=1e-5)", s),
         _fold_case("float64 Linear(3, 6) with bias, BatchNorm1d(6, eps=0.1)", s + 1, in_out=(3, 6), eps=0.1),
@@ -911,49 +791,6 @@ def _fold_cases(hidden):
     return cases
 
 
-def _snapshot(*modules):
-    return [(m.training, {k: v.clone() for k, v in m.state_dict().items()}) for m in modules]
-
-
-def _same(a, b):
-    return all(ta == tb and sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-               for (ta, sa), (tb, sb) in zip(a, b))
-
-
-def _describe(t) -> str:
-    return "None" if t is None else f"{str(t.dtype).replace('torch.', '')} on {t.device.type}"
-
-
-def _run_fold(fn, case):
-    layer, bn = case.data["make"]()
-    x = case.data["x"]
-    before = _snapshot(layer, bn)
-    folded = fn(layer, bn)
-    if not isinstance(folded, nn.Module):
-        raise CheckFailed(f"fold_batchnorm must return a new nn.Linear or nn.Conv2d module, "
-                          f"got {type(folded).__name__}.")
-    weight, bias = getattr(folded, "weight", None), getattr(folded, "bias", None)
-    out = {
-        "returns a new module (not `layer` itself)": folded is not layer,
-        "type of the result": type(folded).__name__,
-        "layer and bn left unchanged": _same(before, _snapshot(layer, bn)),
-        "dtype and device of the folded weight and bias": f"weight: {_describe(weight)}; bias: {_describe(bias)}",
-        "folded weight": _value(weight),
-        "folded bias": _value(bias),
-    }
-    if isinstance(layer, nn.Conv2d):
-        out["convolution settings"] = ", ".join(
-            f"{name}={getattr(folded, name, 'missing')}"
-            for name in ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"))
-    try:  # the check's own call of the learner's result
-        with torch.no_grad():
-            out["output on a test batch"] = folded(x)
-    except Exception as exc:
-        out["output on a test batch"] = (f"the check's call folded(x) on a {str(x.dtype).replace('torch.', '')} "
-                                         f"batch x of shape {tuple(x.shape)} raised {type(exc).__name__}: {exc}")
-    return out
-
-
 def check_fold_batchnorm(fold_batchnorm, hidden=False):
     """Check fold_batchnorm(layer, bn) -> a new nn.Linear / nn.Conv2d with layer's dtype and device."""
     __tracebackhide__ = True
@@ -963,27 +800,6 @@ def check_fold_batchnorm(fold_batchnorm, hidden=False):
 
 # --------------------------------------------------------------------------
 # Recalibration
-
-def _recalibration_model(seed, conv=False, dropout=False, training=False, frozen=(), dropout_on=False):
-    """A small float64 model whose BN layers hold stale statistics; modules listed in
-    ``frozen`` (indices) are in eval mode, the Dropout in training mode if ``dropout_on``."""
-    gen = torch.Generator().manual_seed(seed)
-    if conv:
-        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                              nn.Conv2d(4, 2, 3), nn.BatchNorm2d(2, momentum=0.3))
-    else:
-        model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(),
-                              nn.Dropout(0.5) if dropout else nn.Identity(),
-                              nn.Linear(8, 3), nn.BatchNorm1d(3, momentum=None))
-    model = model.double()
-    for m in model:
-        _fill(m, gen)
-    model.train(training)
-    for i in frozen:
-        model[i].eval()
-    if dropout_on:
-        model[3].train()
-    return model
 
 
 def _recalibration_case(label, seed, sizes, conv=False, **kwargs):
@@ -995,7 +811,7 @@ def _recalibration_case(label, seed, sizes, conv=False, **kwargs):
 
 
 def _recalibration_cases(hidden):
-    s = 1003 if hidden else 3
+    s = hidden_seed(3) if hidden else 3
     cases = [
         _recalibration_case("MLP Linear-BN-ReLU-Dropout-Linear-BN in eval mode, stale statistics, 4 batches",
                             s, (6, 9, 7, 8), dropout=True),
@@ -1018,26 +834,6 @@ def _recalibration_cases(hidden):
     return cases
 
 
-def _run_recalibrate(fn, case):
-    model = case.data["make"]()
-    weights = [p.detach().clone() for p in model.parameters()]
-    with torch.random.fork_rng():  # Dropout masks, should Dropout be on
-        torch.manual_seed(case.data["seed"])
-        fn(model, case.data["batches"])
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            for stat in ("running_mean", "running_var", "num_batches_tracked"):
-                out[f"BN layer {name}: {stat}"] = _value(getattr(m, stat))
-            out[f"BN layer {name}: momentum"] = repr(m.momentum)
-    out["train/eval mode of every module"] = ", ".join(
-        f"{name or 'model'}: {'train' if m.training else 'eval'}" for name, m in model.named_modules())
-    out["weights unchanged"] = all(torch.equal(a, b.detach()) for a, b in zip(weights, model.parameters()))
-    with torch.no_grad():
-        out["model output in eval mode on a test batch"] = model.eval()(case.data["x_test"])
-    return out
-
-
 def check_recalibrate_batchnorm(recalibrate_batchnorm, hidden=False):
     """Check recalibrate_batchnorm(model, batches): statistics, each module's mode, momenta, weights."""
     __tracebackhide__ = True
@@ -1047,29 +843,22 @@ def check_recalibrate_batchnorm(recalibrate_batchnorm, hidden=False):
 
 
 # --------------------------------------------------------------------------
-# Parameter counts
+# Parameter counts. The visible models come from the learner package's case helper; the hidden
+# ones, other models of the same kinds and a few more, are built here (the learner package holds
+# no hidden case).
 
-def _frozen(module, names=("weight", "bias")):
-    for name in names:
-        getattr(module, name).requires_grad_(False)
-    return module
-
-
-def _count_model(kind):
-    """The models whose BN parameters the counting check counts."""
-    if kind == "dense":
-        return nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32))
-    if kind == "cnn":
-        return nn.Sequential(nn.Conv2d(3, 16, 3, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                             nn.Conv2d(16, 32, 3, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.Flatten(),
-                             nn.Linear(32, 10))
+def _hidden_count_model(kind):
+    """The models of the hidden counting cases."""
     if kind == "frozen":
-        return nn.Sequential(_frozen(nn.BatchNorm1d(8)), nn.Linear(8, 4), nn.BatchNorm1d(4))
+        return nn.Sequential(nn.Conv2d(2, 6, 1), _frozen(nn.BatchNorm2d(6)), nn.Flatten(), nn.Linear(6, 3),
+                             nn.BatchNorm1d(3))
+    if kind == "dense":
+        return nn.Sequential(nn.Linear(20, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 5), nn.BatchNorm1d(5))
     if kind == "options":
-        return nn.Sequential(nn.BatchNorm2d(6, affine=False), nn.Flatten(), nn.Linear(54, 5),
-                             nn.BatchNorm1d(5, track_running_stats=False))
-    if kind == "none":
-        return nn.Sequential(nn.Linear(3, 4))
+        return nn.Sequential(nn.BatchNorm1d(7, affine=False, track_running_stats=False), nn.Linear(7, 4),
+                             nn.BatchNorm1d(4, track_running_stats=False))
+    if kind == "other_norms":
+        return nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4), nn.Flatten(), nn.LayerNorm(36))
     if kind == "nested":
         return nn.ModuleDict({"features": nn.Sequential(
             *(nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)) for _ in range(2)))})
@@ -1080,31 +869,45 @@ def _count_model(kind):
     raise ValueError(kind)
 
 
+# The frozen model first: it tells every mistake from every other, pairs included.
 _COUNT_MODELS = {
+    "a frozen BatchNorm1d(8) (requires_grad=False), Linear(8, 4), then a trainable BatchNorm1d(4)": "frozen",
     "Linear(64, 32) then BatchNorm1d(32)": "dense",
     "CNN: Conv2d(3, 16, 3, bias=False), BatchNorm2d(16), ReLU, Conv2d(16, 32, 3, bias=False), "
     "BatchNorm2d(32), ReLU, Flatten, Linear(32, 10)": "cnn",
-    "a frozen BatchNorm1d(8) (requires_grad=False) then a trainable BatchNorm1d(4)": "frozen",
     "BatchNorm2d(6, affine=False) and BatchNorm1d(5, track_running_stats=False)": "options",
     "Linear(3, 4) alone: no BN layer": "none",
 }
-_HIDDEN_COUNT_MODELS = {
-    "nested blocks: two (Conv2d, BatchNorm2d(8)) blocks inside a Sequential inside a ModuleDict": "nested",
-    "a bare BatchNorm1d(100)": "bare",
-    "BatchNorm1d(10) with its weight frozen and its bias trainable": "weight_frozen",
-}
+_HIDDEN_COUNT_MODELS = ["frozen", "dense", "options", "other_norms", "nested", "bare", "weight_frozen"]
 
 
-def _run_counts(fn, case):
-    trainable, non_trainable = fn(case.data["make"]())
-    return {"trainable": int(trainable), "non-trainable": int(non_trainable)}
+def _count_cases(hidden):
+    if hidden:
+        return [Case(kind, {"make": partial(_hidden_count_model, kind)}) for kind in _HIDDEN_COUNT_MODELS]
+    return [Case(label, {"make": partial(_count_model, kind)}) for label, kind in _COUNT_MODELS.items()]
 
 
 def check_bn_parameter_counts(bn_parameter_counts, hidden=False):
     """Check bn_parameter_counts(model) -> (trainable, non_trainable)."""
     __tracebackhide__ = True
-    models = {**_COUNT_MODELS, **(_HIDDEN_COUNT_MODELS if hidden else {})}
-    cases = [Case(label, {"make": partial(_count_model, kind)}) for label, kind in models.items()]
     report_pass("bn_parameter_counts", run_check(
-        "bn_parameter_counts", bn_parameter_counts, ref.bn_parameter_counts, cases, _run_counts,
+        "bn_parameter_counts", bn_parameter_counts, ref.bn_parameter_counts, _count_cases(hidden), _run_counts,
         COUNTS_CATALOGUE, hidden=hidden))
+
+
+# --------------------------------------------------------------------------
+# The graded experiment: one seed, visible or drawn from the course's secret. The margins of
+# its run function hold on every seed the tests try, for the reference and for a second
+# correct implementation.
+
+def _experiment_cases(hidden):
+    seed = hidden_seed("inference experiment") % 2**31 if hidden else 0
+    return [Case(f"inference_experiment(seed={seed})", {"seed": seed})]
+
+
+def check_inference_experiment(inference_experiment, hidden=False):
+    """Check inference_experiment(seed) -> dict: the phenomenon it measures, with margins."""
+    __tracebackhide__ = True
+    report_pass("inference_experiment", run_check(
+        "inference_experiment", inference_experiment, ref.inference_experiment, _experiment_cases(hidden),
+        _run_experiment, EXPERIMENT_CATALOGUE, hidden=hidden))
