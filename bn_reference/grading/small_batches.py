@@ -745,7 +745,6 @@ def check_group_norm_module(GroupNorm, hidden=False):
 
 #: The runs the wrong experiments train: the reference's, and the variants their mistakes need.
 _VARIANTS = {
-    "GN 2, batch statistics": (lambda c: _WrongGroupNorm(8, c, bug="batch_axis"), 2),
     "renorm 2 with r_max=1, d_max=0": (lambda c: ref.BatchRenorm1d(c, r_max=1.0, d_max=0.0), 2),
     "ghost 32/32": (lambda c: ref.GhostBatchNorm(c, 32), 32),
 }
@@ -760,8 +759,10 @@ def _trained(run: str, seed: int) -> nn.Module:
     return train_mlp(make_mlp(norm, seed=seed), X_train, y_train, batch_size, seed=seed)
 
 
-_SWAPS = {"gn_batch_statistics": ("GN 2", "GN 2, batch statistics"),
-          "renorm_as_bn": ("renorm 2", "renorm 2 with r_max=1, d_max=0"),
+# A GroupNorm with batch statistics is not among them: its groups of 4 channels of 2 examples give it a
+# train/eval gap that is sometimes exactly 0 (measured on seeds 1 and 2161033642579761637), so no margin
+# tells it apart; the GroupNorm module's check names it instead ("GroupNorm using batch statistics").
+_SWAPS = {"renorm_as_bn": ("renorm 2", "renorm 2 with r_max=1, d_max=0"),
           "ghost_whole_batch": ("ghost 32/2", "ghost 32/32")}
 
 
@@ -791,10 +792,6 @@ EXPERIMENT_CATALOGUE = [Misconception(name, fix, partial(_wrong_experiment, bug=
      "eval-mode error needs model.eval()."),
     ("swapped", "the two errors swapped: (eval-mode error, training-mode error) instead of (training-mode, "
      "eval-mode)", "return (training-mode error, eval-mode error) for every run, in that order."),
-    ("gn_batch_statistics", "the train/eval gap at batch 2 is not larger for BN than for GroupNorm: is your "
-     "GroupNorm using batch statistics?",
-     "GroupNorm must not depend on the batch: statistics per example and group (x.reshape(N, G, -1), dim=2), "
-     "so that its training-mode and eval-mode errors are the same."),
     ("renorm_as_bn", "batch renorm's gap at batch 2 is as large as BN's: is it run with r_max=1 and d_max=0 "
      "(that is plain BN)?",
      "the experiment uses BatchRenorm1d's defaults (r_max=3, d_max=5): r and d then correct each batch's "
