@@ -5,44 +5,50 @@ mini-batch; this module measures how noisy those estimates are, implements the
 normalizations that do without the batch and the BN variants built for small or
 odd batches, and trains the small networks of the chapter's figures.
 
-* Batch statistics: :func:`batch_statistics`, :func:`theoretical_spread`
-  (for Gaussian data m * sigma_B^2 / sigma^2 follows chi-square with m - 1
-  degrees of freedom).
+* Batch statistics: :func:`batch_statistics`, :func:`batch_statistics_variance`
+  and :func:`theoretical_spread` (for Gaussian data m * sigma_B^2 / sigma^2
+  follows chi-square with m - 1 degrees of freedom).
 * Normalizations without the batch (Wu & He 2018, Sec. 3): :func:`group_norm`
   normalizes each example over groups of C / G contiguous channels and H, W;
   :func:`layer_norm` is its G = 1 extreme and :func:`instance_norm` its G = C
-  extreme; :func:`statistic_groups` labels which elements share a mean and a
-  variance (the chapter's drawing of Wu & He's Figure 2).
+  extreme; :class:`GroupNorm` is group_norm as a PyTorch module;
+  :func:`statistic_groups` labels which elements share a mean and a variance
+  (the chapter's drawing of Wu & He's Figure 2).
 * BN for small or odd batches: :class:`GhostBatchNorm` (Hoffer et al. 2017),
   :class:`BatchRenorm1d` and :func:`renorm_schedule` (Ioffe 2017, Algorithm 1
   and Sec. 4), :func:`combine_batch_statistics` (what synchronized BN computes).
 * The chapter's experiments on scikit-learn's digits: :func:`load_digits_images`,
   :func:`make_convnet`, :func:`train_convnet`, :func:`accuracy`,
   :func:`batch_size_sweep`, :func:`fine_tune` (which freezes BN with Chapter 5's
-  :func:`~bn_reference.inference.freeze_batchnorm`).
+  :func:`~bn_reference.inference.freeze_batchnorm`); the exercise's experiment
+  :func:`small_batch_experiment` with :func:`train_eval_errors`, on the learner
+  package's helpers (:mod:`bn_exercises.small_batches`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.nn import functional as F
+
+from bn_exercises.small_batches import load_digits_data, make_mlp, train_mlp
 
 from .inference import TorchBatchNorm, freeze_batchnorm
 
 __all__ = [
     "WU_HE_2018",
     "batch_statistics",
+    "batch_statistics_variance",
     "theoretical_spread",
     "group_norm",
     "layer_norm",
     "instance_norm",
+    "GroupNorm",
     "statistic_groups",
     "GhostBatchNorm",
     "BatchRenorm1d",
@@ -55,6 +61,8 @@ __all__ = [
     "accuracy",
     "batch_size_sweep",
     "fine_tune",
+    "train_eval_errors",
+    "small_batch_experiment",
 ]
 
 #: ResNet-50 on ImageNet, validation error (%) (Wu & He 2018, Figure 1 and Table 1).
@@ -89,20 +97,34 @@ def batch_statistics(x, batch_size: int):
     return batches.mean(axis=1), batches.var(axis=1)
 
 
-def theoretical_spread(batch_size: int, std: float = 1.0) -> tuple[float, float]:
-    """Standard deviations of mu_B and of the biased sigma_B^2 for Gaussian data.
+def batch_statistics_variance(m: int, sigma: float = 1.0) -> tuple[float, float]:
+    """Var[mu_B] and Var[sigma_B^2] of a batch of m independent draws from N(mu, sigma^2).
 
-    For m = ``batch_size`` independent draws from N(mu, std^2):
-    sd(mu_B) = std / sqrt(m), and m * sigma_B^2 / std^2 follows chi-square with
-    m - 1 degrees of freedom (variance 2 (m - 1)), so
-    sd(sigma_B^2) = std^2 * sqrt(2 (m - 1)) / m.
+    Var[mu_B] = sigma^2 / m (the variance of a mean of m independent values), and,
+    since m * sigma_B^2 / sigma^2 follows chi-square with m - 1 degrees of freedom
+    (variance 2 (m - 1)), Var[sigma_B^2] = 2 (m - 1) sigma^4 / m^2, with sigma_B^2 the
+    biased batch variance of Algorithm 1 (Ioffe & Szegedy 2015). m = 1 gives
+    (sigma^2, 0): one value has variance 0, whatever it is.
+    """
+    if int(m) != m or m < 1:
+        raise ValueError(f"m must be a positive integer, got {m!r}.")
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma!r}.")
+    m = int(m)
+    return sigma ** 2 / m, 2 * (m - 1) * sigma ** 4 / m ** 2
+
+
+def theoretical_spread(batch_size: int, std: float = 1.0) -> tuple[float, float]:
+    """Standard deviations of mu_B and of the biased sigma_B^2 for Gaussian data:
+    the square roots of :func:`batch_statistics_variance`,
+    sd(mu_B) = std / sqrt(m) and sd(sigma_B^2) = std^2 * sqrt(2 (m - 1)) / m.
     """
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if std < 0:
         raise ValueError(f"std must be >= 0, got {std!r}.")
-    m = int(batch_size)
-    return std / math.sqrt(m), std ** 2 * math.sqrt(2 * (m - 1)) / m
+    var_mean, var_var = batch_statistics_variance(batch_size, std)
+    return math.sqrt(var_mean), math.sqrt(var_var)
 
 
 # --------------------------------------------------------------------------
@@ -164,6 +186,38 @@ def instance_norm(x, gamma, beta, eps: float = 1e-5):
     """
     x = np.asarray(x)
     return group_norm(x, x.shape[1] if x.ndim >= 2 else 1, gamma, beta, eps)
+
+
+class GroupNorm(nn.Module):
+    """Group normalization as a PyTorch module (Wu & He 2018, Sec. 3.1), for (N, C, *) input.
+
+    :func:`group_norm` with autograd: each example's group of C / G contiguous channels
+    is normalized with its own mean and biased variance, then scaled and shifted per
+    channel by ``weight`` (gamma, ones) and ``bias`` (beta, zeros), both (C,). No
+    running statistics: training and eval mode compute the same thing. Same
+    constructor and outputs as ``nn.GroupNorm(num_groups, num_channels, eps)``.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5):
+        super().__init__()
+        if int(num_groups) != num_groups or num_groups < 1 or num_channels % num_groups:
+            raise ValueError(f"num_groups={num_groups!r} must be a positive divisor of num_channels={num_channels}.")
+        self.num_groups, self.num_channels, self.eps = int(num_groups), int(num_channels), eps
+        self.weight = nn.Parameter(torch.ones(self.num_channels))
+        self.bias = nn.Parameter(torch.zeros(self.num_channels))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] != self.num_channels:
+            raise ValueError(f"expected (N, {self.num_channels}, ...) input, got shape {tuple(x.shape)}.")
+        groups = x.reshape(x.shape[0], self.num_groups, -1)  # (N, G, C/G * prod(S))
+        mean = groups.mean(dim=2, keepdim=True)
+        var = groups.var(dim=2, correction=0, keepdim=True)
+        x_hat = ((groups - mean) / torch.sqrt(var + self.eps)).reshape(x.shape)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x_hat * self.weight.view(shape) + self.bias.view(shape)
 
 
 def statistic_groups(kind: str, shape, num_groups: int | None = None) -> np.ndarray:
@@ -331,20 +385,28 @@ def combine_batch_statistics(counts, means, variances):
 # --------------------------------------------------------------------------
 # The chapter's experiments: a small CNN on scikit-learn's digits
 
-def load_digits_images(test_size: float = 0.3, seed: int = 0):
+def load_digits_images():
     """scikit-learn's digits as (N, 1, 8, 8) float32 images in [0, 1].
 
-    Returns ``(X_train, X_test, y_train, y_test)`` tensors, a stratified split
-    (1257 training and 540 test images with the defaults).
+    Returns ``(X_train, X_test, y_train, y_test)`` tensors: the exercise's split
+    (:func:`bn_exercises.small_batches.load_digits_data`, stratified, 1257 training
+    and 540 test images), reshaped to images.
     """
-    X, y = load_digits(return_X_y=True)
-    X_train, X_test, y_train, y_test = train_test_split(X / 16.0, y, test_size=test_size, random_state=seed,
-                                                        stratify=y)
+    X_train, X_test, y_train, y_test = load_digits_data()
+    return X_train.reshape(-1, 1, 8, 8), X_test.reshape(-1, 1, 8, 8), y_train, y_test
 
-    def images(a):
-        return torch.tensor(a, dtype=torch.float32).reshape(-1, 1, 8, 8)
 
-    return images(X_train), images(X_test), torch.tensor(y_train), torch.tensor(y_test)
+@contextlib.contextmanager
+def _small_convolutions():
+    """PyTorch's own convolution kernels instead of oneDNN's: for 8x8 maps and a few
+    images, oneDNN's set-up costs about as much as the convolution (measured: a training
+    step at batch 2 takes half the time without it). Restored on exit."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
 
 
 NORMS = ("bn", "gn", "ln", "none", "ghost")
@@ -395,7 +457,7 @@ def train_convnet(model: nn.Module, X, y, batch_size: int, epochs: int, base_lr:
                   seed: int = 0) -> nn.Module:
     """Train ``model`` in place with SGD (momentum 0.9) and return it.
 
-    The learning rate follows the linear scaling rule of Wu & He (Sec. 5.1):
+    The learning rate follows the linear scaling rule as Wu & He use it (Sec. 4.1):
     ``base_lr * batch_size / 32``, with a one-cycle schedule (warm-up over the
     first 15 % of the steps, then cosine decay; torch.optim.lr_scheduler.OneCycleLR).
     Every epoch visits the training set in a new seeded random order, in batches
@@ -412,15 +474,16 @@ def train_convnet(model: nn.Module, X, y, batch_size: int, epochs: int, base_lr:
                                                    pct_start=0.15, cycle_momentum=False)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(X), generator=gen)
-        for i in range(steps_per_epoch):
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            loss = F.cross_entropy(model(X[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            schedule.step()
+    with _small_convolutions():
+        for _ in range(epochs):
+            order = torch.randperm(len(X), generator=gen)
+            for i in range(steps_per_epoch):
+                idx = order[i * batch_size:(i + 1) * batch_size]
+                loss = F.cross_entropy(model(X[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                schedule.step()
     return model
 
 
@@ -437,13 +500,15 @@ def accuracy(model: nn.Module, X, y, mode: str = "eval", batch_size: int | None 
     """
     if mode == "eval":
         model.eval()
-        return (model(X).argmax(1) == y).float().mean().item()
+        with _small_convolutions():
+            return (model(X).argmax(1) == y).float().mean().item()
     if mode != "train" or not batch_size or batch_size > len(X):
         raise ValueError(f"mode must be 'eval', or 'train' with 1 <= batch_size <= {len(X)}; "
                          f"got mode={mode!r}, batch_size={batch_size!r}.")
     twin = copy.deepcopy(model).train()
     n = len(X) // batch_size * batch_size
-    preds = torch.cat([twin(X[i:i + batch_size]).argmax(1) for i in range(0, n, batch_size)])
+    with _small_convolutions():
+        preds = torch.cat([twin(X[i:i + batch_size]).argmax(1) for i in range(0, n, batch_size)])
     model.eval()
     return (preds == y[:n]).float().mean().item()
 
@@ -488,10 +553,54 @@ def fine_tune(model: nn.Module, X, y, batch_size: int, steps: int, lr: float, fr
         freeze_batchnorm(model)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(len(X), (batch_size,), generator=gen)
-        loss = F.cross_entropy(model(X[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    with _small_convolutions():
+        for _ in range(steps):
+            idx = torch.randint(len(X), (batch_size,), generator=gen)
+            loss = F.cross_entropy(model(X[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     return model
+
+
+# --------------------------------------------------------------------------
+# The exercise's experiment: BN's train/eval gap at small batches, and what each
+# alternative does to it (a small MLP on the digits, bn_exercises' helpers)
+
+@torch.no_grad()
+def train_eval_errors(model: nn.Module, X, y, batch_size: int) -> tuple[float, float]:
+    """(training-mode error, eval-mode error) of ``model`` on (X, y), as fractions.
+
+    Training mode: a copy of the model in training mode predicts X in consecutive
+    batches of ``batch_size`` (the remainder that does not fill a batch is left out),
+    so that a batch-dependent normalization sees batches like those of training; the
+    copy keeps the model's running statistics out of it. Eval mode: the model itself,
+    in eval mode, on all of X. The model is left in eval mode.
+    """
+    return 1.0 - accuracy(model, X, y, "train", batch_size), 1.0 - accuracy(model, X, y)
+
+
+#: The experiment's runs: name -> (normalization for C features, training batch size).
+EXPERIMENT_SETUP = {
+    "BN 32": (lambda c: GhostBatchNorm(c, 32), 32),
+    "BN 2": (lambda c: GhostBatchNorm(c, 2), 2),
+    "GN 2": (lambda c: GroupNorm(8, c), 2),
+    "renorm 2": (lambda c: BatchRenorm1d(c), 2),
+    "ghost 32/2": (lambda c: GhostBatchNorm(c, 2), 32),
+}
+
+
+def small_batch_experiment(seed: int) -> dict[str, tuple[float, float]]:
+    """The exercise's experiment: for each run of :data:`EXPERIMENT_SETUP`, the network
+    of :func:`~bn_exercises.small_batches.make_mlp` with that normalization, trained
+    with :func:`~bn_exercises.small_batches.train_mlp` (300 Adam steps) at its batch
+    size, seeded with ``seed``; returns {run: (training-mode error, eval-mode error)}
+    on the test set (:func:`train_eval_errors`, training mode in batches of the
+    training batch size). The train/eval gap of a run is the first minus the second.
+    """
+    X_train, X_test, y_train, y_test = load_digits_data()
+    results = {}
+    for name, (norm, batch_size) in EXPERIMENT_SETUP.items():
+        model = train_mlp(make_mlp(norm, seed=seed), X_train, y_train, batch_size, seed=seed)
+        results[name] = train_eval_errors(model, X_test, y_test, batch_size)
+    return results

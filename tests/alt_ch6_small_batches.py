@@ -95,3 +95,50 @@ class BatchRenorm1d(nn.Module):
             self.running_mean.lerp_(mu_b0, self.momentum)
             self.running_std.lerp_(sigma_b0, self.momentum)
         return y
+
+
+def batch_statistics_variance(m, sigma):
+    # m * sigma_B^2 / sigma^2 ~ chi2(m - 1), whose variance is 2 (m - 1)
+    scale = sigma * sigma / m
+    return scale, scale * scale * 2.0 * (m - 1)
+
+
+class GroupNorm(nn.Module):
+    def __init__(self, num_groups, num_channels, eps=1e-5):
+        super().__init__()
+        self.g, self.eps = num_groups, eps
+        self.weight = nn.Parameter(torch.full((num_channels,), 1.0))
+        self.bias = nn.Parameter(torch.full((num_channels,), 0.0))
+
+    def forward(self, x):
+        size = x.shape[1] // self.g
+        view = [1, -1] + [1] * (x.dim() - 2)
+        pieces = []
+        for block in torch.split(x, size, dim=1):  # one group of consecutive channels at a time
+            dims = tuple(range(1, x.dim()))
+            var, mean = torch.var_mean(block, dim=dims, keepdim=True, unbiased=False)
+            pieces.append((block - mean) * torch.rsqrt(var + self.eps))
+        return torch.cat(pieces, dim=1) * self.weight.view(view) + self.bias.view(view)
+
+
+def small_batch_experiment(seed):
+    import copy
+
+    from bn_exercises.small_batches import load_digits_data, make_mlp, train_mlp
+
+    X_train, X_test, y_train, y_test = load_digits_data()
+    setups = [("BN 32", lambda c: GhostBatchNorm(c, 32), 32), ("BN 2", lambda c: GhostBatchNorm(c, 2), 2),
+              ("GN 2", lambda c: GroupNorm(8, c), 2), ("renorm 2", lambda c: BatchRenorm1d(c), 2),
+              ("ghost 32/2", lambda c: GhostBatchNorm(c, 2), 32)]
+    out = {}
+    for name, norm, batch in setups:
+        net = train_mlp(make_mlp(norm, seed=seed), X_train, y_train, batch, seed=seed)
+        with torch.no_grad():
+            twin = copy.deepcopy(net)  # training mode: batches of the training size, running statistics untouched
+            full = len(X_test) - len(X_test) % batch
+            wrong_train = sum(int((twin(xb).argmax(dim=1) != yb).sum())
+                              for xb, yb in zip(X_test[:full].split(batch), y_test[:full].split(batch)))
+            net.eval()
+            wrong_eval = int((net(X_test).argmax(dim=1) != y_test).sum())
+        out[name] = (wrong_train / full, wrong_eval / len(X_test))
+    return out

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import alt_ch6_small_batches as alt
+import bn_exercises.small_batches as learner
 from bn_reference import small_batches as ref
 from bn_reference.grading import CheckFailed
 from bn_reference.grading import small_batches as grading
@@ -68,6 +69,25 @@ def test_measured_spread_matches_theory(m):
     np.testing.assert_allclose(variances.std(axis=0), sd_var, rtol=0.03)
     # Kolmogorov-Smirnov against chi-square with m - 1 degrees of freedom
     assert stats.kstest(m * variances[:, 0] / 4.0, stats.chi2(m - 1).cdf).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("m, sigma", [(1, 3.0), (2, 1.0), (5, 0.5), (32, 2.0)])
+def test_batch_statistics_variance_is_the_chi_square_law(m, sigma):
+    """Var[mu_B] = sigma^2 / m; sigma_B^2 = (sigma^2 / m) * chi2(m - 1), so its variance is scipy's
+    chi-square variance times (sigma^2 / m)^2 (m = 1: one value, variance 0)."""
+    var_mean, var_var = ref.batch_statistics_variance(m, sigma)
+    assert var_mean == pytest.approx(sigma ** 2 / m)
+    expected = 0.0 if m == 1 else stats.chi2(m - 1).var() * (sigma ** 2 / m) ** 2
+    assert var_var == pytest.approx(expected)
+    assert ref.theoretical_spread(m, sigma) == pytest.approx((np.sqrt(var_mean), np.sqrt(var_var)))
+
+
+@pytest.mark.parametrize("m", [2, 4, 16])
+def test_batch_statistics_variance_matches_a_simulation(m):
+    x = np.random.default_rng(m).normal(1.0, 1.5, size=(200_000, m))
+    var_mean, var_var = ref.batch_statistics_variance(m, 1.5)
+    np.testing.assert_allclose(x.mean(axis=1).var(), var_mean, rtol=0.02)
+    np.testing.assert_allclose(x.var(axis=1).var(), var_var, rtol=0.03)
 
 
 def test_batch_statistics_are_algorithm_1s():
@@ -148,6 +168,25 @@ def test_gradients_match_autograd_through_torch(name):
         "instance": (lambda a: ref.instance_norm(a, gamma, beta), lambda t: F.instance_norm(t, weight=g, bias=b)),
     }[name]
     np.testing.assert_allclose(_numgrad(ours, x.copy(), dout), _autograd(theirs, x, dout), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("shape, groups", [((6, 8), 4), ((6, 8), 1), ((3, 6, 2, 2), 3), ((2, 8, 5), 8), ((1, 4), 2)])
+def test_group_norm_module_matches_torch_with_gradients(shape, groups):
+    x, dout = _rand(sum(shape), shape), torch.tensor(_rand(7, shape, 1.0, 0.0))
+    gamma, beta = torch.tensor(_rand(1, shape[1], 0.5, 1.0)), torch.tensor(_rand(2, shape[1]))
+    module = ref.GroupNorm(groups, shape[1], eps=1e-4).double()
+    with torch.no_grad():
+        module.weight.copy_(gamma)
+        module.bias.copy_(beta)
+    w, b = gamma.clone().requires_grad_(), beta.clone().requires_grad_()
+    x1, x2 = torch.tensor(x, requires_grad=True), torch.tensor(x, requires_grad=True)
+    y, theirs = module(x1), F.group_norm(x2, groups, w, b, 1e-4)
+    (y * dout).sum().backward()
+    (theirs * dout).sum().backward()
+    for ours_t, theirs_t in [(y, theirs), (x1.grad, x2.grad), (module.weight.grad, w.grad), (module.bias.grad, b.grad)]:
+        np.testing.assert_allclose(ours_t.detach().numpy(), theirs_t.detach().numpy(), **F64)
+    assert list(module.buffers()) == []
+    np.testing.assert_allclose(module.eval()(x1).detach().numpy(), y.detach().numpy(), **F64)
 
 
 def test_layer_and_instance_norm_are_group_norms_extremes():
@@ -450,6 +489,71 @@ def test_freezing_keeps_running_statistics_and_gamma(digits):
     assert frozen[1].training
 
 
+def test_train_eval_errors_are_the_two_accuracies(digits):
+    X_train, X_test, y_train, y_test = digits
+    flat = X_train.flatten(1)[:256], X_test.flatten(1)[:100]
+    model = learner.train_mlp(learner.make_mlp(lambda c: ref.GhostBatchNorm(c, 4)), flat[0], y_train[:256], 4, steps=50)
+    before = copy.deepcopy(model.state_dict())
+    train_error, eval_error = ref.train_eval_errors(model, flat[1], y_test[:100], 8)
+    assert train_error == pytest.approx(1 - ref.accuracy(model, flat[1], y_test[:100], "train", 8))
+    assert eval_error == pytest.approx(1 - ref.accuracy(model, flat[1], y_test[:100]))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the copy took the batches
+
+
+def test_the_experiments_helpers_are_seeded_and_share_initial_weights():
+    a = learner.make_mlp(lambda c: ref.GhostBatchNorm(c, 2), seed=5)
+    b = learner.make_mlp(lambda c: ref.GroupNorm(8, c), seed=5)
+    torch.testing.assert_close(a[0].weight, b[0].weight)
+    torch.testing.assert_close(a[3].weight, b[3].weight)
+    X, _, y, _ = learner.load_digits_data()
+    assert X.shape == (1257, 64) and X.dtype == torch.float32 and 0 <= X.min() and X.max() <= 1
+    one = learner.train_mlp(copy.deepcopy(a), X, y, 4, steps=20, seed=1)
+    two = learner.train_mlp(copy.deepcopy(a), X, y, 4, steps=20, seed=1)
+    assert all(torch.equal(p, q) for p, q in zip(one.parameters(), two.parameters()))
+
+
+#: Seeds on which the experiment's margins are proven (the visible case uses seed 0; the hidden case a seed
+#: derived from each course's secret, so the margins must hold for any seed).
+EXPERIMENT_SEEDS = range(6)
+
+
+@pytest.fixture(scope="module")
+def experiment_runs():
+    """The reference's and the second implementation's experiment on each seed, with the check's answers."""
+    from bn_exercises.checking import Case
+    torch.set_num_threads(1)
+    runs = {}
+    for name, fn in [("reference", ref.small_batch_experiment), ("second", alt.small_batch_experiment)]:
+        for seed in EXPERIMENT_SEEDS:
+            result = fn(seed)
+            runs[name, seed] = result, learner._run_experiment(lambda s, r=result: r, Case("", {"seed": seed}))
+    return runs
+
+
+def test_the_experiments_margins_hold_on_every_seed_for_both_implementations(experiment_runs):
+    """Every yes/no answer of the experiment's check is yes for both correct implementations on every seed;
+    prints the smallest slack of each margin."""
+    slack = {}
+    for (name, seed), (result, answers) in experiment_runs.items():
+        assert all(answers.values()), (name, seed, result, answers)
+        gap = {k: t - e for k, (t, e) in result.items()}
+        for label, value in [("BN 2 - BN 32", gap["BN 2"] - gap["BN 32"] - learner.MARGIN),
+                             ("BN 2 - GN 2", gap["BN 2"] - gap["GN 2"] - learner.MARGIN),
+                             ("BN 2 - renorm 2", gap["BN 2"] - gap["renorm 2"] - learner.MARGIN),
+                             ("ghost 32/2 - BN 32", gap["ghost 32/2"] - gap["BN 32"] - learner.MARGIN),
+                             ("|BN 2|", abs(gap["BN 2"]) - learner.MARGIN),
+                             ("GN 2 within 0.01", learner.GN_GAP - abs(gap["GN 2"])),
+                             ("BN 32 learned", learner.LEARNED - result["BN 32"][1])]:
+            slack[label] = min(slack.get(label, np.inf), value)
+    print("smallest slack over", len(experiment_runs), "runs:", {k: round(v, 3) for k, v in slack.items()})
+    assert all(v > 0 for v in slack.values())
+
+
+def test_gn_has_no_train_eval_gap_at_all(experiment_runs):
+    for (name, seed), (result, _) in experiment_runs.items():
+        assert result["GN 2"][0] == pytest.approx(result["GN 2"][1], abs=1e-3), (name, seed)
+
+
 # --- bad input ----------------------------------------------------------------
 
 @pytest.mark.parametrize("call, message", [
@@ -464,6 +568,10 @@ def test_freezing_keeps_running_statistics_and_gamma(digits):
     (lambda: ref.GhostBatchNorm(3, 0), "virtual_batch_size must be a positive integer"),
     (lambda: ref.BatchRenorm1d(3, r_max=0.5), "r_max >= 1"),
     (lambda: ref.BatchRenorm1d(3)(torch.ones(4, 3, 2)), r"expected \(N, 3\) input"),
+    (lambda: ref.GroupNorm(4, 6), "positive divisor of num_channels=6"),
+    (lambda: ref.GroupNorm(2, 6)(torch.ones(4, 4)), r"expected \(N, 6, \.\.\.\) input"),
+    (lambda: ref.batch_statistics_variance(0), "positive integer"),
+    (lambda: learner.train_mlp(learner.make_mlp(nn.Identity), torch.ones(4, 64), torch.zeros(4), 0), "batch_size >= 1"),
     (lambda: ref.renorm_schedule(-1), "step >= 0"),
     (lambda: ref.combine_batch_statistics([2, 2], np.ones((3, 1)), np.ones((3, 1))), "same K"),
     (lambda: ref.combine_batch_statistics([2, 0], np.ones((2, 1)), np.ones((2, 1))), "positive"),
@@ -485,10 +593,14 @@ class TestGrading(CatalogueSuite):
         "group_norm": grading.check_group_norm,
         "GhostBatchNorm": grading.check_ghost_batch_norm,
         "BatchRenorm1d": grading.check_batch_renorm,
+        "batch_statistics_variance": grading.check_batch_statistics_variance,
+        "GroupNorm": grading.check_group_norm_module,
+        "small_batch_experiment": grading.check_small_batch_experiment,
     }
     catalogue = grading.CATALOGUE
     alt = alt
     reference = ref
+    learner = learner
 
 
 class _GhostFromPyTorch(nn.modules.batchnorm._BatchNorm):
@@ -527,7 +639,7 @@ def _group_norm_from_pytorch(x, num_groups, gamma, beta, eps=1e-5):
 def test_pytorchs_own_kernels_pass_the_checks_when_allowed(hidden, capsys, monkeypatch):
     """The checks' expectations are PyTorch's: its own kernels pass them (with the refusal
     switched off, which the checks otherwise enforce)."""
-    monkeypatch.setattr(grading, "_KERNELS", ())
+    monkeypatch.setattr(learner, "_KERNELS", ())
     grading.check_layer_norm(_layer_norm_from_pytorch, hidden=hidden)
     grading.check_group_norm(_group_norm_from_pytorch, hidden=hidden)
     grading.check_ghost_batch_norm(_GhostFromPyTorch, hidden=hidden)
@@ -581,6 +693,194 @@ def test_renorm_without_detach_and_in_place_updates_is_named():
     assert failure.value.misconception == grading.RENORM_NO_DETACH
 
 
+def _both_verdicts(check_name, impl):
+    """(misconception, message) from the grader's live check and from the learner's recorded one."""
+    out = []
+    for module in (grading, learner):
+        with pytest.raises(CheckFailed) as failure:
+            getattr(module, check_name)(impl)
+        out.append((failure.value.misconception, str(failure.value)))
+    assert out[0] == out[1]
+    return out[0]
+
+
+class _GhostWithAutogradUpdates(alt.GhostBatchNorm):
+    """Running statistics updated with autograd on (no torch.no_grad(), no detach)."""
+
+    def forward(self, x):
+        if not self.training:
+            return self._norm(x, self.running_mean, self.running_var)
+        dims, pieces = tuple(d for d in range(x.dim()) if d != 1), []
+        for part in torch.split(x, self.size):
+            n = part.numel() // part.shape[1]
+            if n == 1:
+                raise ValueError("Expected more than 1 value per channel when training")
+            var, mean = torch.var_mean(part, dim=dims, unbiased=False)
+            pieces.append(self._norm(part, mean, var))
+            self.running_mean = (1 - self.momentum) * self.running_mean + self.momentum * mean
+            self.running_var = (1 - self.momentum) * self.running_var + self.momentum * var * n / (n - 1)
+        return torch.cat(pieces)
+
+
+class _RenormWithAutogradUpdates(alt.BatchRenorm1d):
+    """r and d from detached statistics, but the running statistics updated with autograd on."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        mean, std = x.mean(0), torch.sqrt(x.var(0, correction=0) + self.eps)
+        r = (std.detach() / self.running_std).clamp(1 / self.r_max, self.r_max)
+        d = ((mean.detach() - self.running_mean) / self.running_std).clamp(-self.d_max, self.d_max)
+        y = self.weight * ((x - mean) / std * r + d) + self.bias
+        self.running_mean = self.running_mean + self.momentum * (mean - self.running_mean)
+        self.running_std = self.running_std + self.momentum * (std - self.running_std)
+        return y
+
+
+@pytest.mark.parametrize("check, impl", [("check_ghost_batch_norm", _GhostWithAutogradUpdates),
+                                         ("check_batch_renorm", _RenormWithAutogradUpdates)])
+def test_running_statistics_updated_with_autograd_on_are_named_as_such(check, impl):
+    """Not 'not connected to its input' (whose advice is the opposite): a graph carried over from an
+    earlier step."""
+    name, message = _both_verdicts(check, impl)
+    assert name == learner.GRAPH_CARRIED
+    assert "torch.no_grad()" in message and "not connected" not in message
+
+
+class _RenormUpdatingInEvalMode(alt.BatchRenorm1d):
+    """Right in training mode; in eval mode it updates the running statistics in place too."""
+
+    def forward(self, x):
+        if self.training:
+            return super().forward(x)
+        y = (x - self.running_mean) * (self.weight / self.running_std) + self.bias
+        with torch.no_grad():
+            self.running_mean.lerp_(x.mean(0), self.momentum)
+            self.running_std.lerp_(torch.sqrt(x.var(0, correction=0) + self.eps), self.momentum)
+        return y
+
+
+def test_renorm_updating_in_eval_mode_is_not_blamed_on_r_and_d():
+    name, message = _both_verdicts("check_batch_renorm", _RenormUpdatingInEvalMode)
+    assert name == learner.EVAL_UPDATE and "eval mode" in message and "r and d" not in message
+
+
+class _GhostRaisingInEvalMode(alt.GhostBatchNorm):
+    """Checks for one value per channel before looking at the mode."""
+
+    def forward(self, x):
+        if x.numel() // x.shape[1] < 2:
+            raise ValueError("Expected more than 1 value per channel")
+        return super().forward(x)
+
+
+def test_ghost_raising_on_one_example_in_eval_mode_is_not_called_ghost_batches_at_inference():
+    name, message = _both_verdicts("check_ghost_batch_norm", _GhostRaisingInEvalMode)
+    assert name == "error for one value per channel in eval mode too", message
+
+
+class _GhostDroppingTheRemainder(alt.GhostBatchNorm):
+    """Normalizes only the full virtual batches (its own way of writing it)."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        full = max(self.size, x.shape[0] // self.size * self.size)
+        return super().forward(x[:full])
+
+
+def test_a_dropped_remainder_is_reported_as_a_shape_mismatch_first():
+    name, message = _both_verdicts("check_ghost_batch_norm", _GhostDroppingTheRemainder)
+    differences = message.split("Outputs that differ:")[1].strip().splitlines()
+    assert "expected shape (14, 3), got shape (12, 3)" in differences[0], message
+    assert "not connected" not in message
+    assert name == "the last, incomplete virtual batch dropped"
+
+
+class _GhostCheckingTwoDimensionalInputOnly(alt.GhostBatchNorm):
+    def forward(self, x):
+        if self.training and x.dim() > 2:  # only (N, C) input is checked for one value per channel
+            dims, pieces = tuple(d for d in range(x.dim()) if d != 1), []
+            for part in torch.split(x, self.size):
+                n = part.numel() // part.shape[1]
+                var, mean = torch.var_mean(part, dim=dims, unbiased=False)
+                pieces.append(self._norm(part, mean, var))
+                with torch.no_grad():
+                    self.running_mean.lerp_(mean, self.momentum)
+                    self.running_var.lerp_(var * n / (n - 1), self.momentum)
+            return torch.cat(pieces)
+        return super().forward(x)
+
+
+def test_a_one_value_check_for_two_dimensional_input_only_is_caught_visibly():
+    """(N, C, 1, 1) input with a remainder of one image: nan in running_var, no error - visible case."""
+    name, message = _both_verdicts("check_ghost_batch_norm", _GhostCheckingTwoDimensionalInputOnly)
+    assert name == "the one-value-per-channel error raised for (N, C) input only"
+    assert "(7, 3, 1, 1)" in message
+
+
+def test_the_visible_ghost_cases_check_n_c_l_input_fully():
+    labels = [c.label for c in grading._ghost_cases(False)]
+    assert any("(N, C, L) = (7, 2, 5)" in label for label in labels)
+
+
+def _group_norm_reshaping_without_a_check(x, num_groups, gamma, beta, eps=1e-5):
+    n, c, h, w = x.shape
+    groups = x.reshape(n, num_groups, c // num_groups, h, w)  # NumPy refuses when G does not divide C
+    mean, var = groups.mean(axis=(2, 3, 4), keepdims=True), groups.var(axis=(2, 3, 4), keepdims=True)
+    x_hat = ((groups - mean) / np.sqrt(var + eps)).reshape(n, c, h, w)
+    return x_hat * gamma.reshape(1, c, 1, 1) + beta.reshape(1, c, 1, 1)
+
+
+def test_numpys_reshape_error_is_not_the_value_error_that_says_so():
+    name, message = _both_verdicts("check_group_norm", _group_norm_reshaping_without_a_check)
+    assert name == "NumPy's reshape error instead of a ValueError that says num_groups must divide C"
+    assert "does not say that num_groups must divide C" in message
+
+
+class _RenormTwoMistakes(alt.BatchRenorm1d):
+    """r inverted, and no error for a batch of one."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        mean, std = x.mean(0), torch.sqrt(x.var(0, correction=0) + self.eps)
+        r = (self.running_std / std.detach()).clamp(1 / self.r_max, self.r_max)
+        d = ((mean.detach() - self.running_mean) / self.running_std).clamp(-self.d_max, self.d_max)
+        y = self.weight * ((x - mean) / std * r + d) + self.bias
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_std.lerp_(std, self.momentum)
+        return y
+
+
+def test_the_batch_of_one_failure_is_reported_beside_an_earlier_difference():
+    name, message = _both_verdicts("check_batch_renorm", _RenormTwoMistakes)
+    differences = message.split("Outputs that differ:")[1].strip().splitlines()
+    assert "input of shape (1, 3)): expected 'raises ValueError', got 'returns an output'" in differences[0], message
+    assert any("output" in line and "values differ" in line for line in differences[1:])
+    assert name is None  # no single catalogue entry makes both mistakes
+
+
+def test_the_experiments_structure_is_reported():
+    def missing_a_run(seed):
+        return {k: (0.1, 0.1) for k in learner.EXPERIMENT_RUNS if k != "ghost 32/2"}
+
+    name, message = _both_verdicts("check_small_batch_experiment", missing_a_run)
+    assert "must return a dict with the keys" in message and name is None
+
+
+def test_pytorchs_own_normalization_in_the_experiment_is_refused():
+    def with_nn_batchnorm(seed):
+        X_train, X_test, y_train, y_test = learner.load_digits_data()
+        model = learner.train_mlp(learner.make_mlp(nn.BatchNorm1d, seed=seed), X_train, y_train, 32, steps=5)
+        return {k: (0.1, 0.1) for k in learner.EXPERIMENT_RUNS}
+
+    name, _ = _both_verdicts("check_small_batch_experiment", with_nn_batchnorm)
+    assert name == learner.BUILTIN_NORM
+    nn.BatchNorm1d(3)(torch.randn(4, 3))  # PyTorch works again afterwards
+
+
 def test_extra_num_batches_tracked_buffer_is_accepted(capsys):
     class Counting(alt.GhostBatchNorm):
         def __init__(self, *args, **kwargs):
@@ -613,8 +913,8 @@ def test_stub_gets_a_clear_message():
 
 class TestNbgraderCycle(CycleSuite):
     slug = "ch6_small_batches"
-    full_score = 10
-    stubs = 6
+    full_score = 14
+    stubs = 11
     buggy = {  # student -> patches of the model answers, and the misconception the grader must name
         "layer_over_batch": ([("axes = tuple(range(1, x.ndim))  # every axis but the batch axis",
                                "axes = (0,) + tuple(range(2, x.ndim))")],
@@ -627,8 +927,12 @@ class TestNbgraderCycle(CycleSuite):
                                "groups formed across the wrong axis: interleaved channels (channel c in group c % G)"),
         "ghost_at_inference": ([("        if not self.training:\n            return self._normalize(x, self.running_mean, "
                                  "self.running_var)\n", "")],
-                               "ghost batches used at inference"),
+                               "ghost batches used at inference, and the running statistics updated there"),
         "renorm_gradients": ([("r = (std.detach() / self.running_std)", "r = (std / self.running_std)"),
                               ("d = ((mean.detach() - self.running_mean)", "d = ((mean - self.running_mean)")],
                              "gradients flowing through r and d"),
+        "renorm_as_bn": ([('"renorm 2": (lambda c: BatchRenorm1d(c), 2),',
+                           '"renorm 2": (lambda c: BatchRenorm1d(c, r_max=1.0, d_max=0.0), 2),')],
+                         "batch renorm's gap at batch 2 is as large as BN's: is it run with r_max=1 and d_max=0 "
+                         "(that is plain BN)?"),
     }
