@@ -106,7 +106,9 @@ def _setup_logging(folder: Path) -> Path:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in ("traitlets", "bncourse", "py.warnings", "distributed"):
         logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
+        # Dask changes the level of its loggers' stream handlers: "distributed" gets one of its own
+        logger.handlers[:] = [handler if name != "distributed" else logging.FileHandler(path)]
+        logger.handlers[0].setFormatter(handler.formatter)
         logger.setLevel(logging.WARNING if name == "distributed" else logging.INFO)
         logger.propagate = False
     logging.captureWarnings(True)  # SQLAlchemy's warnings from inside nbgrader belong in the log, not the terminal
@@ -302,18 +304,26 @@ def cmd_grade(args):
     started = time.monotonic()
     isolation = _isolation(args)
     cluster = _cluster(args, isolation)  # workers and sandboxes warm up while the submissions are imported
+    phases = {}
     try:
         report = cmd_collect(args)
+        phases["import"] = time.monotonic()
         args.student = args.student or sorted(report.imported)
         statuses = cmd_autograde(args, isolation, cluster) if args.student else {}
+        phases["grading"] = time.monotonic()
     finally:
         closing = threading.Thread(target=cluster.close)  # while the feedback is written
         closing.start()
     cmd_feedback(args, statuses)
+    phases["feedback"] = time.monotonic()
     cmd_export(args, statuses)
     cmd_report(args)
+    phases["sheets and report"] = time.monotonic()
     closing.join()
-    print(f"Done in {time.monotonic() - started:.1f} s. Detailed log: {args.course / 'reports' / args.slug / 'grading.log'}"
+    marks = [started, *phases.values()]
+    print(f"Done in {time.monotonic() - started:.1f} s ("
+          + ", ".join(f"{name} {b - a:.1f} s" for name, a, b in zip(phases, marks, marks[1:]))
+          + f"). Detailed log: {args.course / 'reports' / args.slug / 'grading.log'}"
           f"; timings: {args.course / 'reports' / args.slug / 'timings.csv'}")
     if report.dropped:
         return 2

@@ -30,6 +30,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import queue
 import socket
 import tempfile
 import threading
@@ -117,8 +118,31 @@ class SandboxPlugin(WorkerPlugin):
         self.uid, self.lock_fd = allocate_uid()
         self.lock = threading.Lock()
         self.sandbox, self.error = None, None
-        self.starting = threading.Thread(target=self._start, args=(self.limits, self.isolation), daemon=True)
-        self.starting.start()
+        self.requests: queue.Queue = queue.Queue()
+        self.owner = threading.Thread(target=self._own, name="bncourse-sandbox", daemon=True)
+        self.owner.start()
+        self.warmed = self._request(self.limits, self.isolation)
+
+    def _own(self) -> None:
+        """The thread that starts every sandbox of this worker, and lives as long as they
+        do (bubblewrap's --die-with-parent ends a sandbox when the *thread* that started it
+        ends). After the first start it loads the course's grading code, so that no
+        notebook's time limits pay for the grader's imports."""
+        primed = False
+        while (request := self.requests.get()) is not None:
+            limits, isolation, done = request
+            self._discard()
+            self._start(limits, isolation)
+            if not primed:
+                from bncourse.judge import _refused
+                _refused()  # imports every reference and grading module
+                primed = True
+            done.set()
+
+    def _request(self, limits: Limits, isolation: bool) -> threading.Event:
+        done = threading.Event()
+        self.requests.put((limits, isolation, done))
+        return done
 
     def _start(self, limits: Limits, isolation: bool) -> None:
         from bncourse.sandbox import Sandbox
@@ -136,11 +160,10 @@ class SandboxPlugin(WorkerPlugin):
 
     def ready(self, limits: Limits, isolation: bool):
         """The warm sandbox, (re)started if it died or was made for other limits."""
-        self.starting.join()
+        self.warmed.wait()
         sandbox = self.sandbox
         if sandbox is None or not sandbox.alive() or (sandbox.limits, sandbox.isolation) != (limits, isolation):
-            self._discard()
-            self._start(limits, isolation)
+            self._request(limits, isolation).wait()
             if self.sandbox is None:
                 from bncourse.sandbox import SessionDied
                 raise SessionDied(f"the sandbox did not start: {self.error}")
@@ -156,6 +179,7 @@ class SandboxPlugin(WorkerPlugin):
         from bncourse.sandbox import SessionDied
 
         with self.lock:
+            self.warmed.wait()
             started = time.time()
             for attempt in (1, 2):
                 try:
@@ -165,7 +189,8 @@ class SandboxPlugin(WorkerPlugin):
                                                 job.release).to_dict()
                     break
                 except SessionDied as exc:
-                    self._discard()
+                    if self.sandbox is not None:
+                        self.sandbox.healthy = False  # the owner thread replaces it
                     result = failure(f"the sandbox failed twice ({exc}); run the command again")
                 except Exception:
                     result = failure("the grader failed on this notebook: " + traceback.format_exc(limit=3))
@@ -174,7 +199,9 @@ class SandboxPlugin(WorkerPlugin):
             return result
 
     def teardown(self, worker=None) -> None:
-        self.starting.join()
+        self.warmed.wait()
+        self.requests.put(None)
+        self.owner.join()
         self._discard()
         os.close(self.lock_fd)
 

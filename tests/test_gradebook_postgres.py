@@ -12,7 +12,7 @@ from bncourse.benchmark import nbgrader
 from nbgrader_cycle import bncourse, make_course, model_and_release, write_submissions
 from services import postgres_server
 
-SLUG = "ch4_backprop"
+SLUG = "ch1_feature_scaling"
 
 
 @pytest.fixture(scope="module")
