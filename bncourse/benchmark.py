@@ -1,7 +1,7 @@
 """How ``bncourse`` scales against serial ``nbgrader autograde``, measured side by side.
 
     python -m bncourse.benchmark [--students 60] [--chapters ch1_feature_scaling ch4_backprop ch5_inference]
-                                 [--workers 1 2 4] [--class-size 12]
+                                 [--workers 1 2 4] [--class-size 12] [--class-chapter ch4_backprop]
 
 Builds a synthetic class in a temporary course directory - per chapter and student
 a correct, a half-done (one answer still the stub), a blank, a crashing (one answer
@@ -18,7 +18,7 @@ raises) or a corrupt notebook - and grades identical copies of it, in the same r
    notebooks' cells and checks in one warm process;
 2. **a small class end to end**: ``bncourse grade`` (import, grading, feedback, grade
    sheets, report) against ``nbgrader autograde`` alone, on ``--class-size``
-   students of Chapter 4, with ``bncourse``'s own phase times.
+   students of ``--class-chapter``, with ``bncourse``'s own phase times.
 
 It also says whether every notebook got the same score from both. Timings are
 measured, never asserted: machines are noisy.
@@ -326,10 +326,11 @@ def main(argv=None) -> None:
     parser.add_argument("--chapters", nargs="+", default=["ch1_feature_scaling", "ch4_backprop", "ch5_inference"])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--class-size", type=int, default=12)
+    parser.add_argument("--class-chapter", default="ch4_backprop", help="the small class's chapter")
     parser.add_argument("--skip-scaling", action="store_true", help="only the small class end to end")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        small_class(Path(tmp), "ch4_backprop", args.class_size)
+        small_class(Path(tmp), args.class_chapter, args.class_size)
         if not args.skip_scaling:
             scaling(Path(tmp), args.chapters, args.students, args.workers)
 

@@ -213,8 +213,8 @@ def cmd_autograde(args, isolation: bool | None = None, cluster=None):
     graded = [s for s in fresh if s.graded]
     print(f"Graded {len(graded)} of {len(fresh)} notebooks in {seconds:.1f} s "
           f"({seconds / max(len(fresh), 1):.2f} s per notebook" + (f", {where}" if where else "") + ")."
-          + (f" {len(statuses) - len(fresh)} graded before and unchanged: left as they were (--regrade grades "
-             f"them again)." if len(fresh) < len(statuses) else ""))
+          + (f" {len(statuses) - len(fresh)} unchanged since they were graded: left as they were (--regrade "
+             f"grades them again)." if len(fresh) < len(statuses) else ""))
     for status in statuses.values():
         if not status.graded:
             print(f"  NOT GRADED {status.student}: {status.reason}" + (" (unchanged)" if status.unchanged else ""))

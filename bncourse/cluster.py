@@ -15,8 +15,10 @@ record of the assignment (:class:`~bncourse.judge.Release`), the course's
 grading secret and the limits - and returns the notebook's result: its ordinary
 cells ran in the sandbox, its grade cells in the worker's own Python. A worker
 needs nothing of the course directory and never sees the gradebook or the
-solutions: whoever can reach the scheduler can run code on the workers, so keep
-the scheduler on a private network (or use Dask's TLS).
+solutions. Whoever can reach a scheduler can run code on its workers: the local
+cluster speaks TLS with throw-away certificates (no other user of the machine can
+join it); keep an existing cluster's scheduler on a private network, or give it
+Dask's TLS (``tls://`` addresses, certificates in Dask's configuration).
 
 Faults are Dask's to handle where it can: a worker that dies mid-notebook has
 its task run again on another worker (and, after ``allowed-failures`` deaths,
@@ -241,8 +243,10 @@ class Cluster:
                 if self.scheduler:
                     self._client = Client(self.scheduler, timeout=30)
                 else:
+                    # TLS with throw-away certificates: another user of this machine cannot connect to
+                    # the scheduler on 127.0.0.1 and run code as the grader (who may be root)
                     self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
-                                                 host="127.0.0.1", dashboard_address=None,
+                                                 host="127.0.0.1", security=True, dashboard_address=None,
                                                  silence_logs=logging.ERROR, memory_limit=0)
                     self._client = Client(self._cluster)
             self._client.register_plugin(SandboxPlugin(self.limits, self.isolation), name=PLUGIN)
