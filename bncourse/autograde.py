@@ -295,7 +295,7 @@ def autograde(config: Config, slug: str, students: list[str], cluster: Cluster, 
     ledger = Ledger(run.directory.db_url)
     timings = Timings(Path(run.directory.root) / "reports" / slug / "timings.csv")
     done = ledger.latest(slug)
-    statuses, at_once = {}, []
+    statuses, paths, at_once = {}, {}, []
     for student in students:
         path = Path(run.directory.format_path(run.directory.submitted_directory, student, slug)) / f"{slug}.ipynb"
         status = statuses[student] = StudentStatus(student)
@@ -308,11 +308,13 @@ def autograde(config: Config, slug: str, students: list[str], cluster: Cluster, 
         if not regrade and entry is not None and entry.digest == status.digest and entry.status != FAILED:
             status.graded, status.unchanged = entry.status == GRADED, True
             status.reason = "" if status.graded else entry.reason
-            continue
+        else:
+            paths[student] = path
+    planned(len(paths) + len(at_once))
+    for student, path in paths.items():
         run.submit(student, path)
-        if student not in run.queued:
+        if student not in run.queued:  # unreadable: nbgrader says why, at once
             at_once.append(student)
-    planned(sum(1 for s in statuses.values() if not s.unchanged))
 
     def record(student: str) -> None:
         status = statuses[student]

@@ -169,7 +169,7 @@ def _bar(total: int, desc: str):
     return tqdm(total=total, unit="notebook", desc=desc, file=sys.stderr, smoothing=0.1)
 
 
-def cmd_autograde(args, isolation: bool | None = None, cluster=None):
+def cmd_autograde(args, isolation: bool | None = None, cluster=None, on_graded=lambda student: None):
     from bncourse.autograde import autograde, save_results, submitted_students
     from bncourse.cluster import ClusterUnavailable
 
@@ -192,6 +192,8 @@ def cmd_autograde(args, isolation: bool | None = None, cluster=None):
     def progress(student, status):
         if not status.graded:
             failed.append(student)
+        else:
+            on_graded(student)
         bar.set_postfix(graded=bar.n + 1 - len(failed), not_graded=len(failed))
         bar.update(1)
 
@@ -257,15 +259,18 @@ def generate_feedback(config, slug: str, only: list[str] | None = None, quiet: b
             bar.close()
 
 
-def cmd_feedback(args, statuses=None):
-    """Feedback for every graded student; after grading, for those graded in this run only."""
+def cmd_feedback(args, statuses=None, done=()):
+    """Feedback for every graded student; after grading, for those graded in this run only
+    (but ``done``, whose feedback was written as their grade came in)."""
     config = _config(args)
-    only = None if statuses is None else sorted(s.student for s in statuses.values() if not s.unchanged)
+    only = None if statuses is None else sorted(s.student for s in statuses.values()
+                                                if not s.unchanged and s.student not in set(done))
     result = generate_feedback(config, args.slug, only) if only != [] else {"success": True}
     folder = args.course / "feedback"
     count = len(list(folder.glob(f"*/{args.slug}/*.html")))
+    new = None if only is None else sum((folder / s / args.slug / f"{args.slug}.html").is_file() for s in [*only, *done])
     print(f"Feedback: {count} file(s) in {folder}/<student>/{args.slug}/" +
-          (f" ({len(only)} new)" if only is not None else "") +
+          (f" ({new} new)" if new is not None else "") +
           ("" if result["success"] else " (some failed: see reports/<slug>/grading.log)"))
 
 
@@ -304,17 +309,22 @@ def cmd_grade(args):
     started = time.monotonic()
     isolation = _isolation(args)
     cluster = _cluster(args, isolation)  # workers and sandboxes warm up while the submissions are imported
-    phases = {}
+    phases, fed, config = {}, [], _config(args)
+
+    def feedback(student):  # while the workers grade the others
+        if generate_feedback(config, args.slug, [student], quiet=True)["success"]:
+            fed.append(student)
+
     try:
         report = cmd_collect(args)
         phases["import"] = time.monotonic()
         args.student = args.student or sorted(report.imported)
-        statuses = cmd_autograde(args, isolation, cluster) if args.student else {}
-        phases["grading"] = time.monotonic()
+        statuses = cmd_autograde(args, isolation, cluster, feedback) if args.student else {}
+        phases["grading and feedback"] = time.monotonic()
     finally:
-        closing = threading.Thread(target=cluster.close)  # while the feedback is written
+        closing = threading.Thread(target=cluster.close)  # while the sheets and report are written
         closing.start()
-    cmd_feedback(args, statuses)
+    cmd_feedback(args, statuses, fed)
     phases["feedback"] = time.monotonic()
     cmd_export(args, statuses)
     cmd_report(args)

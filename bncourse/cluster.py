@@ -50,6 +50,7 @@ from bncourse.sandbox import Limits
 PLUGIN = "bncourse-sandbox"
 UID_BASE, UID_COUNT = 60_000, 900  # a worker's sandbox runs as one of these user ids (60 900+ are the tests')
 RECONNECT = 120.0                  # seconds the client waits for a lost scheduler to come back
+RESUBMISSIONS = 3                  # times notebooks lost with the scheduler are submitted again
 
 log = logging.getLogger("bncourse")
 
@@ -208,13 +209,19 @@ class SandboxPlugin(WorkerPlugin):
         os.close(self.lock_fd)
 
 
+class NoSandbox(RuntimeError):
+    """The worker has no sandbox plugin (yet: a scheduler that restarted registers it anew)."""
+
+
 def grade(job: Job) -> dict:
     """The Dask task: grade one notebook on this worker's sandbox."""
     from distributed import get_worker
-    plugin = get_worker().plugins.get(PLUGIN)
-    if plugin is None:
-        raise RuntimeError("this Dask worker has no bncourse sandbox (the client registers it: bncourse only)")
-    return plugin.grade(job)
+    worker = get_worker()
+    for _ in range(30):  # a registration may be on its way
+        if PLUGIN in worker.plugins:
+            return worker.plugins[PLUGIN].grade(job)
+        time.sleep(1.0)
+    raise NoSandbox("this Dask worker has no bncourse sandbox (bncourse registers it when it connects)")
 
 
 # --------------------------------------------------------------------------
@@ -278,7 +285,9 @@ class Cluster:
         too often is not graded; jobs lost with the scheduler are submitted again when it is
         back (or reported as not graded if it does not come back within RECONNECT seconds)."""
         from distributed import as_completed
-        while self._pending:
+        for attempt in range(RESUBMISSIONS + 1):
+            if not self._pending:
+                return
             lost, pending, self._pending = [], self._pending, {}
             for future in as_completed(list(pending)):
                 job = pending.pop(future)
@@ -287,14 +296,14 @@ class Cluster:
                     lost.append(job)
                 else:
                     yield job, result
-            if lost and self._reconnected():
+            if lost and attempt < RESUBMISSIONS and self._reconnected():
                 log.warning("the scheduler came back: submitting %d notebook(s) again", len(lost))
                 for job in lost:
                     self.submit(job)
             else:
                 for job in lost:
-                    yield job, failure(f"the Dask scheduler went away and did not come back within "
-                                       f"{RECONNECT:.0f} s; run the command again")
+                    yield job, failure("it was lost with the Dask scheduler, which did not come back with workers "
+                                       f"ready within {RECONNECT:.0f} s; run the command again")
 
     def grade_now(self, job: Job) -> dict:
         """Grade ``job`` apart from the others, and wait for its result."""
@@ -311,6 +320,8 @@ class Cluster:
         except KilledWorker:
             return failure("the Dask workers grading it died, several times (a machine out of memory?); "
                            "run the command again")
+        except NoSandbox:  # a worker of a scheduler that restarted, before the plugin reached it
+            return None
         except Exception as exc:
             if future.status == "cancelled" or self.client.status != "running" or "lost" in str(exc).lower():
                 return None
@@ -332,7 +343,7 @@ class Cluster:
         return False
 
     def close(self) -> None:
-        if self._thread.is_alive() or self._thread.ident is not None:
+        if self._thread.ident is not None:  # started
             self._thread.join()
         for thing in (self._client, self._cluster):
             if thing is not None:

@@ -78,7 +78,8 @@ def _scores(db: str) -> dict:
 
 def _kernels(cluster: DaskCluster, i: int) -> list:
     """Worker ``i``'s sandboxed kernel processes: the warm one, and the notebook's while one runs."""
-    return [p for p in cluster.worker_processes(i) if "bncourse.kernel" in " ".join(p.cmdline())]
+    return [p for p in cluster.worker_processes(i)
+            if "bncourse.kernel" in " ".join(p.cmdline()) and not p.cmdline()[0].endswith("bwrap")]
 
 
 def _when_grading(cluster: DaskCluster, timeout: float = 600):
