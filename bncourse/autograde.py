@@ -5,15 +5,21 @@ and locked cells from the gradebook, and here also the deleted grade cells) and
 *autograding* (execute, then score into the gradebook). This module keeps both
 and replaces only the execution:
 
-1. every submission goes up front to a :class:`~bncourse.pool.Pool` of workers,
-   which sanitize it exactly as nbgrader will and grade it in their sandboxes,
-   side by side (:mod:`bncourse.judge`);
-2. meanwhile nbgrader's ``Autograde`` runs student by student with
-   :class:`SandboxExecute` in place of its ``Execute``: it waits for that
-   notebook's result (checking that it was made from the same cells) and writes
-   the outputs; nbgrader's ``SaveAutoGrades`` scores them into the gradebook
-   (SQLite or any ``db_url``), so the formgrader, manual grading and
-   ``nbgrader export`` work as always.
+1. every submission is sanitized here exactly as nbgrader will, and goes up front
+   to the Dask workers (:mod:`bncourse.cluster`), which grade it in their
+   sandboxes, side by side (:mod:`bncourse.judge`);
+2. as each result arrives, nbgrader's ``Autograde`` runs for that student with
+   :class:`SandboxExecute` in place of its ``Execute``: it takes the notebook's
+   result (checking that it was made from the same cells) and writes the outputs;
+   nbgrader's ``SaveAutoGrades`` scores them into the gradebook (SQLite or any
+   ``db_url``), so the formgrader, manual grading and ``nbgrader export`` work as
+   always. This process is the gradebook's one writer for the class; the
+   ledger (:mod:`bncourse.ledger`) makes every write happen once per submission:
+   a submission graded before, unchanged, is not graded again.
+
+A notebook that could not be graded through no fault of its own (its worker, its
+sandbox or the scheduler failed) leaves the gradebook untouched - an earlier grade
+stays - and is reported as not graded; running the command again grades it.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import nbformat
 from nbconvert.preprocessors import ClearMetadataPreprocessor
@@ -39,9 +45,13 @@ from nbgrader.utils import capture_log
 from traitlets.config import Config
 from traitlets.config.loader import PyFileConfigLoader
 
-from bncourse.judge import Release, code_digest
-from bncourse.pool import Job, Pool
+from bncourse.judge import NotebookResult, Release, code_digest
+from bncourse.ledger import FAILED, GRADED, NOT_GRADED, Ledger, digest
 from bncourse.secret import course_secret
+from bncourse.timings import Timings
+
+if TYPE_CHECKING:  # the Dask client is imported by whoever grades, not by nbgrader_config.py's users
+    from bncourse.cluster import Cluster, Job
 
 HIDDEN = re.compile(r"^[ \t]*### BEGIN HIDDEN TESTS.*?^[ \t]*### END HIDDEN TESTS[^\n]*\n?", re.M | re.S)
 
@@ -221,71 +231,133 @@ class StudentStatus:
     reason: str = ""                # why not, or what was odd
     result: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what nbgrader warned about (edited grade cells...)
+    digest: str = ""                # of what is graded (bncourse.ledger.digest)
+    unchanged: bool = False         # graded before, as it is now: left alone
 
 
 class ClassRun:
-    """One class's autograde: the workers sanitize and grade every submission in
-    parallel, nbgrader scores them one by one."""
+    """One class's autograde: the workers grade every submission in parallel, nbgrader
+    scores each one here as its result arrives."""
 
     current: "ClassRun | None" = None
 
-    def __init__(self, config: Config, slug: str, pool: Pool, log: logging.Logger):
-        self.config, self.slug, self.pool, self.log = config, slug, pool, log
+    def __init__(self, config: Config, slug: str, cluster: Cluster, log: logging.Logger):
+        self.config, self.slug, self.cluster, self.log = config, slug, cluster, log
         self.directory = coursedir(config, slug)
         self.secret = course_secret(self.directory.db_url)
         self.release = Release.from_gradebook(self.directory.db_url, slug, slug)
+        self.results: dict[str, dict] = {}
+        self.queued: dict[str, float] = {}
+
+    def job(self, student: str, nb: nbformat.NotebookNode) -> "Job":
+        from bncourse.cluster import Job
+        return Job(self.slug, student, dict(nb), self.release, self.secret, self.cluster.limits,
+                   self.cluster.isolation)
 
     def submit(self, student: str, path: Path) -> None:
-        """Queue one submission; a worker sanitizes it as nbgrader will, then grades it."""
-        self.pool.submit(Job((student, path.stem), self.slug, self.release, self.secret, path=str(path),
-                             root=str(self.directory.root), db_url=self.directory.db_url))
+        """Sanitize one submission as nbgrader will, and queue it; an unreadable one is
+        not graded (nbgrader will say why)."""
+        try:
+            nb = sanitized(self.config, self.slug, student, path)
+        except Exception as exc:  # nbformat's NotJSONError, invalid nbgrader metadata...
+            self.results[student] = NotebookResult(stopped=_unreadable(exc), failed=True).to_dict()
+            return
+        job = self.job(student, nb)
+        self.cluster.submit(job)
+        self.queued[student] = job.queued
 
     def result_for(self, student: str, notebook: str, nb: nbformat.NotebookNode) -> dict:
-        key = (student, notebook)
-        result = self.pool.result(key)
-        if result.get("digest") != code_digest(nb):  # not the notebook nbgrader has: grade this one now
+        result = self.results[student]
+        if not result.get("failed") and result.get("digest") != code_digest(nb):
+            # not the notebook nbgrader has: grade this one now
             self.log.warning("%s: the notebook graded differs from the one nbgrader sanitized; grading it again",
                              student)
-            self.pool.done.pop(key)
-            self.pool.submit(Job(key, self.slug, self.release, self.secret, notebook=nb))
-            result = self.pool.result(key)
+            result = self.results[student] = self.cluster.grade_now(self.job(student, nb))
         return result
 
 
-def autograde(config: Config, slug: str, students: list[str], pool: Pool, log: logging.Logger,
-              progress: Callable[[str, StudentStatus], None] = lambda *a: None) -> dict[str, StudentStatus]:
-    """Autograde ``students``' submissions of ``slug`` (in ``submitted/``) into the gradebook."""
+def _unreadable(exc: Exception) -> str:
+    if type(exc).__name__ == "NotJSONError":
+        return "the notebook is not valid JSON (a damaged or non-notebook file)"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"the notebook cannot be read ({type(exc).__name__}: {text[:300]})"
+
+
+def autograde(config: Config, slug: str, students: list[str], cluster: Cluster, log: logging.Logger,
+              progress: Callable[[str, StudentStatus], None] = lambda *a: None, regrade: bool = False,
+              planned: Callable[[int], None] = lambda n: None) -> dict[str, StudentStatus]:
+    """Autograde ``students``' submissions of ``slug`` (in ``submitted/``) into the gradebook.
+    A submission the ledger holds as graded (or as not gradable: a damaged file), unchanged,
+    is left alone (unless ``regrade``);
+    ``planned`` is told how many will be graded, ``progress`` each one as it is."""
     ensure_assignment(config, slug, log)
-    directory = coursedir(config, slug)
-    run = ClassRun(config, slug, pool, log)
-    ClassRun.current = run
-    statuses = {}
+    run = ClassRun(config, slug, cluster, log)
+    ledger = Ledger(run.directory.db_url)
+    timings = Timings(Path(run.directory.root) / "reports" / slug / "timings.csv")
+    done = ledger.latest(slug)
+    statuses, paths, at_once = {}, {}, []
     for student in students:
-        path = Path(directory.format_path(directory.submitted_directory, student, slug)) / f"{slug}.ipynb"
-        status = StudentStatus(student)
+        path = Path(run.directory.format_path(run.directory.submitted_directory, student, slug)) / f"{slug}.ipynb"
+        status = statuses[student] = StudentStatus(student)
         if not path.is_file():
             status.reason = f"no {slug}.ipynb in its submission"
+            at_once.append(student)
+            continue
+        status.digest = digest(path.parent, path.name, run.release)
+        entry = done.get(student)
+        if not regrade and entry is not None and entry.digest == status.digest and entry.status != FAILED:
+            status.graded, status.unchanged = entry.status == GRADED, True
+            status.reason = "" if status.graded else entry.reason
         else:
-            run.submit(student, path)
-        statuses[student] = status
+            paths[student] = path
+    planned(len(paths) + len(at_once))
+    for student, path in paths.items():
+        run.submit(student, path)
+        if student not in run.queued:  # unreadable: nbgrader says why, at once
+            at_once.append(student)
+
+    def record(student: str) -> None:
+        status = statuses[student]
+        _record(config, slug, run, status)
+        if status.digest:
+            outcome = GRADED if status.graded else FAILED if status.result.get("retry") else NOT_GRADED
+            ledger.record(slug, student, status.digest, outcome, status.reason, status.result.get("worker", ""))
+            timings.add(student, GRADED if status.graded else f"not graded: {status.reason}"[:200],
+                        run.queued.get(student), status.result)
+        if not status.graded:
+            log.error("%s: not graded: %s", student, status.reason)
+        progress(student, status)
+
+    ClassRun.current = run
     try:
-        for student, status in statuses.items():
-            # nbgrader records every student, even one whose notebook it cannot read (score 0)
-            app = Autograde(coursedir=coursedir(config, slug, student), config=config)
-            app.force, app.create_student = True, True
-            outcome = capture_log(app)
-            status.warnings = [line.removeprefix("[WARNING] ") for line in outcome.get("log", "").splitlines()
-                               if line.startswith("[WARNING]")]
-            status.result = pool.result((student, slug)) if (student, slug) in pool.submitted else {}
-            status.graded = outcome["success"] and bool(status.result) and not status.result.get("failed")
-            if not status.reason:
-                status.reason = status.result.get("stopped") or ("" if outcome["success"] else _first_error(outcome))
-            if not status.graded:
-                log.error("%s: not graded: %s", student, status.reason)
-            progress(student, status)
+        for student in at_once:
+            record(student)
+        for job, result in cluster.completed():
+            run.results[job.student] = result
+            record(job.student)
     finally:
         ClassRun.current = None
+        ledger.close()
     return statuses
+
+
+def _record(config: Config, slug: str, run: ClassRun, status: StudentStatus) -> None:
+    """nbgrader's autograde of one student, with the result the workers sent (none for a
+    notebook not graded through no fault of its own: the gradebook is left as it is)."""
+    result = run.results.get(status.student, {})
+    if result.get("retry"):
+        status.result, status.reason = result, result["stopped"]
+        return
+    # nbgrader records every student, even one whose notebook it cannot read (score 0)
+    app = Autograde(coursedir=coursedir(config, slug, status.student), config=config)
+    app.force, app.create_student = True, True
+    outcome = capture_log(app)
+    status.warnings = [line.removeprefix("[WARNING] ") for line in outcome.get("log", "").splitlines()
+                       if line.startswith("[WARNING]")]
+    status.result = run.results.get(status.student, {})
+    status.graded = outcome["success"] and bool(status.result) and not status.result.get("failed")
+    if not status.reason:
+        status.reason = status.result.get("stopped") or ("" if outcome["success"] else _first_error(outcome))
 
 
 def _first_error(outcome: dict) -> str:
@@ -299,6 +371,8 @@ def save_results(root: Path, slug: str, statuses: dict[str, StudentStatus]) -> P
     folder = root / "reports" / slug / "results"
     folder.mkdir(parents=True, exist_ok=True)
     for student, status in statuses.items():
+        if status.unchanged:  # its results are those of the run that graded it
+            continue
         record = {"student": student, "graded": status.graded, "reason": status.reason,
                   "tasks": status.result.get("tasks", []), "seconds": status.result.get("seconds"),
                   "stopped": status.result.get("stopped"), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -1,15 +1,27 @@
-"""How much faster ``bncourse autograde`` grades a class than serial ``nbgrader autograde``.
+"""How ``bncourse`` scales against serial ``nbgrader autograde``, measured side by side.
 
     python -m bncourse.benchmark [--students 60] [--chapters ch1_feature_scaling ch4_backprop ch5_inference]
+                                 [--workers 1 2 4] [--class-size 12] [--class-chapter ch4_backprop]
 
-Builds a synthetic class in two identical temporary course directories - per
-chapter and student a correct, a half-done (one answer still the stub), a blank,
-a crashing (one answer raises) or a corrupt notebook - then grades one copy with
-nbgrader's own ``autograde`` (a kernel per notebook, one at a time, no sandbox)
-and the other with ``bncourse autograde`` (sandboxed, warm kernels, side by side),
-in the same run, and prints wall times, seconds per notebook, their ratio, and
-whether both gave every student the same score. Timings are measured, never
-asserted: machines are noisy.
+Builds a synthetic class in a temporary course directory - per chapter and student
+a correct, a half-done (one answer still the stub), a blank, a crashing (one answer
+raises) or a corrupt notebook - and grades identical copies of it, in the same run:
+
+1. **scaling**: serial ``nbgrader autograde`` (a kernel per notebook, one at a time,
+   no sandbox), then ``bncourse autograde`` on a local Dask cluster of 1, 2 and 4
+   workers, and on a cluster reached over TCP (a ``dask scheduler`` and two ``dask
+   worker`` processes started here, ``--scheduler``). For each: wall and CPU time
+   (CPU of every process involved: on a machine shared with other work, wall time is
+   inflated and CPU time is not), seconds per notebook, the ratio to serial nbgrader,
+   throughput per worker, and the **overhead per notebook**: worker time per notebook
+   beyond the notebook's own compute, which is measured by running the same
+   notebooks' cells and checks in one warm process;
+2. **a small class end to end**: ``bncourse grade`` (import, grading, feedback, grade
+   sheets, report) against ``nbgrader autograde`` alone, on ``--class-size``
+   students of ``--class-chapter``, with ``bncourse``'s own phase times.
+
+It also says whether every notebook got the same score from both. Timings are
+measured, never asserted: machines are noisy.
 """
 
 from __future__ import annotations
@@ -115,36 +127,212 @@ def _scores(course: Path, chapters: list[str], students: int) -> dict:
     return scores
 
 
+class Measured:
+    """Wall and CPU seconds of the child processes run inside the ``with`` block."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), _children_cpu()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, _children_cpu() - self.cpu
+
+
+def _children_cpu() -> float:
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def bncourse(course: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run ``bncourse --course course ...``; its output."""
+    return subprocess.run([sys.executable, "-m", "bncourse.cli", "--course", str(course), *args], env=environment(),
+                          capture_output=True, text=True, timeout=7200)
+
+
+def warm_compute(course: Path, chapters: list[str], students: int) -> tuple[float, float]:
+    """(wall, CPU) seconds per notebook of the notebooks' own work - every code cell, the
+    grade cells with the grader's checks (visible and hidden cases) - run in this one warm
+    process, each kind of notebook once and weighted as the class has it."""
+    import warnings
+
+    import matplotlib
+    matplotlib.use("Agg")
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    from bn_reference.grading import use_secret
+    from bncourse.judge import Release
+
+    kinds = [KINDS[i % len(KINDS)] for i in range(students)]
+    wall = cpu = 0.0
+    for slug in chapters:
+        solution = nbformat.read(course / "solutions" / slug / f"{slug}.ipynb", as_version=4)
+        release = nbformat.read(course / "exercises" / slug / f"{slug}.ipynb", as_version=4)
+        record = Release.from_notebook(solution)
+        checks = record.checks()
+        for kind in set(kinds):
+            try:
+                nb = nbformat.reads(_submission(kind, release, solution), as_version=4)
+            except Exception:
+                continue  # corrupt: no compute at all
+            started, cpu_started = time.perf_counter(), time.process_time()
+            names: dict = {}
+            with use_secret("the benchmark's secret"), warnings.catch_warnings(), \
+                    tempfile.TemporaryDirectory() as scratch, _quiet():
+                warnings.simplefilter("ignore")
+                here = os.getcwd()
+                os.chdir(scratch)
+                try:
+                    for cell in nb.cells:
+                        if cell.cell_type != "code":
+                            continue
+                        if record.is_grade_cell(cell):
+                            names.update(checks)
+                        try:
+                            exec(TransformerManager().transform_cell(cell.source), names)
+                        except BaseException:
+                            pass
+                finally:
+                    os.chdir(here)
+            share = kinds.count(kind)
+            wall += share * (time.perf_counter() - started)
+            cpu += share * (time.process_time() - cpu_started)
+    n = students * len(chapters)
+    return wall / n, cpu / n
+
+
+class _quiet:
+    """stdout and stderr of the notebooks' cells, discarded."""
+
+    def __enter__(self):
+        import contextlib
+        import io
+        self.stack = contextlib.ExitStack()
+        self.stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        self.stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+
+    def __exit__(self, *exc):
+        self.stack.close()
+
+
+class TcpCluster:
+    """A ``dask scheduler`` and ``workers`` ``dask worker`` processes (one thread each) on
+    127.0.0.1, as an instructor starts them by hand."""
+
+    def __init__(self, workers: int):
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.address, self.count = f"tcp://127.0.0.1:{self.port}", workers
+
+    def __enter__(self):
+        dask = [sys.executable, "-m", "dask"]
+        quiet = dict(env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.processes = [subprocess.Popen([*dask, "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
+                                            "--no-dashboard"], **quiet)]
+        self.processes += [subprocess.Popen([*dask, "worker", self.address, "--nthreads", "1", "--no-dashboard"],
+                                            **quiet) for _ in range(self.count)]
+        from distributed import Client
+        for _ in range(300):
+            try:
+                with Client(self.address, timeout=5) as client:
+                    if len(client.scheduler_info()["workers"]) == self.count:
+                        return self
+            except OSError:
+                pass
+            time.sleep(1)
+        raise TimeoutError("the Dask workers did not start")
+
+    def __exit__(self, *exc):
+        for proc in reversed(self.processes):
+            proc.terminate()
+            proc.wait(60)
+
+
+def _row(name: str, m: Measured, n: int, serial: Measured | None = None, workers: int = 0,
+         compute: tuple[float, float] | None = None) -> str:
+    cells = [f"{name:42s}", f"{m.wall:8.1f}", f"{m.cpu:8.1f}", f"{m.wall / n:6.2f}", f"{m.cpu / n:6.2f}"]
+    if serial is not None:
+        cells += [f"{serial.wall / m.wall:6.2f}x", f"{serial.cpu / m.cpu:6.2f}x"]
+    if workers:
+        cells += [f"{n / m.wall / workers:6.3f}"]
+        if compute is not None:
+            cells += [f"{m.wall * workers / n - compute[0]:6.2f}", f"{m.cpu / n - compute[1]:6.2f}"]
+    return " | ".join(cells)
+
+
+def scaling(tmp: Path, chapters: list[str], students: int, worker_counts: list[int]) -> None:
+    """The scaling table (see the module's docstring)."""
+    n = students * len(chapters)
+    plain = build(tmp / "plain", chapters, students)
+    compute = warm_compute(plain, chapters, students)
+    print(f"\nScaling: {students} students x {len(chapters)} chapters = {n} notebooks "
+          f"({', '.join(sorted(set(KINDS)))}), on {os.cpu_count()} CPU(s).")
+    print(f"The notebooks' own compute, in one warm process: {compute[0]:.2f} s wall, {compute[1]:.2f} s CPU per "
+          f"notebook.")
+    print(" | ".join(["run".ljust(42), "wall s".rjust(8), "CPU s".rjust(8), "wall/nb", "CPU/nb", "x wall",
+                      "x CPU", "nb/s/worker", "overhead/nb (wall x workers)", "overhead/nb (CPU)"]))
+    runs = [(f"bncourse autograde, {w} worker(s)", w, None) for w in worker_counts] + \
+           [("bncourse autograde, 2 workers over TCP", 2, "tcp")]
+    copies = [shutil.copytree(plain, tmp / f"run{i}" / "course") for i in range(len(runs))]  # nothing graded yet
+    with Measured() as serial:
+        for slug in chapters:
+            nbgrader(plain, "autograde", slug, "--create")
+    print(_row("nbgrader autograde (serial, no sandbox)", serial, n))
+    reference = _scores(plain, chapters, students)
+    for (name, workers, tcp), course in zip(runs, copies):
+        with Measured() as m:
+            if tcp:
+                with TcpCluster(workers) as cluster:
+                    for slug in chapters:
+                        bncourse(course, "autograde", slug, "--scheduler", cluster.address)
+            else:
+                for slug in chapters:
+                    bncourse(course, "autograde", slug, "--workers", str(workers))
+        print(_row(name, m, n, serial, workers, compute))
+        differ = [k for k, v in _scores(course, chapters, students).items() if (v or 0) != (reference[k] or 0)]
+        if differ:
+            print(f"  SCORES DIFFER from nbgrader's for {len(differ)} notebook(s): {differ[:5]}")
+    print("(overhead/nb: worker time per notebook beyond the notebook's own compute - for wall time, "
+          "wall x workers / notebooks - compute; for CPU, all CPU per notebook - compute)")
+
+
+def small_class(tmp: Path, slug: str, students: int) -> None:
+    """``bncourse grade`` end to end against ``nbgrader autograde`` alone, ``students`` of ``slug``."""
+    plain = build(tmp / "small", [slug], students)
+    incoming = tmp / "small_incoming"
+    shutil.copytree(plain / "submitted", incoming)
+    ours = tmp / "small_ours" / "course"
+    shutil.copytree(plain, ours, ignore=shutil.ignore_patterns("submitted"))
+    with Measured() as alone:
+        nbgrader(plain, "autograde", slug, "--create")
+    with Measured() as whole:
+        proc = bncourse(ours, "grade", slug, str(incoming))
+    print(f"\nA class of {students} ({slug}) end to end: bncourse grade (import, grading, feedback, sheets, report) "
+          f"{whole.wall:.1f} s wall, {whole.cpu:.1f} s CPU; nbgrader autograde alone {alone.wall:.1f} s wall, "
+          f"{alone.cpu:.1f} s CPU: bncourse is {alone.wall / whole.wall:.2f}x (wall), {alone.cpu / whole.cpu:.2f}x "
+          f"(CPU) as fast.")
+    phases = [line for line in proc.stdout.splitlines() if line.startswith("Done in")]
+    print("  " + (phases[0] if phases else proc.stdout[-2000:] + proc.stderr[-2000:]))
+    a, b = _scores(plain, [slug], students), _scores(ours, [slug], students)
+    differ = {k[1]: (a[k], b[k]) for k in a if (a[k] or 0) != (b[k] or 0)}
+    print(f"  same score for every notebook: {not differ}" + (f" (nbgrader, bncourse: {differ})" if differ else ""))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--students", type=int, default=60)
     parser.add_argument("--chapters", nargs="+", default=["ch1_feature_scaling", "ch4_backprop", "ch5_inference"])
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--class-size", type=int, default=12)
+    parser.add_argument("--class-chapter", default="ch4_backprop", help="the small class's chapter")
+    parser.add_argument("--skip-scaling", action="store_true", help="only the small class end to end")
     args = parser.parse_args(argv)
-    n = args.students * len(args.chapters)
     with tempfile.TemporaryDirectory() as tmp:
-        plain = build(Path(tmp) / "plain", args.chapters, args.students)
-        sandboxed = Path(tmp) / "sandboxed" / "course"
-        shutil.copytree(plain, sandboxed)
-        print(f"A class of {args.students} students x {len(args.chapters)} chapters = {n} notebooks "
-              f"({', '.join(sorted(set(KINDS)))}), on {os.cpu_count()} CPU(s).")
-        timings = {}
-        started = time.perf_counter()
-        for slug in args.chapters:
-            nbgrader(plain, "autograde", slug, "--create")
-        timings["nbgrader autograde (serial, no sandbox)"] = time.perf_counter() - started
-        started = time.perf_counter()
-        for slug in args.chapters:
-            subprocess.run([sys.executable, "-m", "bncourse.cli", "--course", str(sandboxed), "autograde", slug,
-                            "--workers", str(args.workers)], env=environment(), capture_output=True, timeout=7200)
-        timings[f"bncourse autograde ({args.workers} workers, sandboxed)"] = time.perf_counter() - started
-        for name, seconds in timings.items():
-            print(f"  {name:45s} {seconds:8.1f} s   {seconds / n:6.2f} s per notebook")
-        serial, ours = timings.values()
-        print(f"  ratio: bncourse is {serial / ours:.2f}x faster")
-        a, b = _scores(plain, args.chapters, args.students), _scores(sandboxed, args.chapters, args.students)
-        differ = [k for k in a if (a[k] or 0) != (b[k] or 0)]
-        print(f"  same score for every notebook: {not differ}" + (f" (differ: {differ[:5]})" if differ else ""))
+        small_class(Path(tmp), args.class_chapter, args.class_size)
+        if not args.skip_scaling:
+            scaling(Path(tmp), args.chapters, args.students, args.workers)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,19 @@
     bncourse grade SLUG SUBMISSIONS [--roster roster.csv] [--db URL] ...
     bncourse collect SLUG SUBMISSIONS      import a folder or an LMS zip into submitted/
     bncourse autograde SLUG [--student ID] autograde what is in submitted/ (sandboxed)
+    bncourse watch SLUG                    grade each submission to nbgrader's exchange as it
+                                           arrives, release its feedback
     bncourse feedback SLUG                 feedback HTML (hidden tests removed)
     bncourse export SLUG                   grades.csv and grades_canvas.csv
     bncourse report SLUG                   the misconception report (CSV and HTML)
     bncourse isolation                     what isolation this machine gives
 
-Run from the course directory (or pass --course). Exit status: 0 when everything
-was imported and graded, 1 when a submission could not be graded, 2 when files of
-the import were dropped, 3 when grading was refused (no isolation, bad input).
+Run from the course directory (or pass --course). Grading runs on a local Dask
+cluster (a worker per core), or on an existing one with --scheduler tcp://HOST:PORT.
+A submission graded before and unchanged is not graded again (--regrade does).
+Exit status: 0 when everything was imported and graded, 1 when a submission could
+not be graded, 2 when files of the import were dropped, 3 when grading was refused
+(no isolation, bad input, no cluster).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -60,9 +66,20 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--lms", choices=["auto", "canvas", "moodle"], default="auto",
                        help="how the LMS names files (default: recognise Canvas and Moodle)")
     autograde = add("autograde", "autograde the submissions in submitted/, sandboxed")
-    for p in (grade, autograde):
-        p.add_argument("--student", action="append", help="only this student (repeat for several)")
-        p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="notebooks graded side by side")
+    watch = add("watch", "follow nbgrader's exchange: grade each new submission as it arrives, release its "
+                         "feedback (nbgrader release_feedback), keep the report current; Ctrl-C stops")
+    watch.add_argument("--interval", type=float, default=5.0, help="seconds between looks at the exchange")
+    watch.add_argument("--exchange", help="nbgrader's exchange folder (default: the course's Exchange.root)")
+    watch.add_argument("--once", action="store_true", help="grade what has arrived, then stop")
+    for p in (grade, autograde, watch):
+        if p is not watch:
+            p.add_argument("--student", action="append", help="only this student (repeat for several)")
+            p.add_argument("--regrade", action="store_true",
+                           help="grade again submissions already graded and unchanged since")
+        p.add_argument("--scheduler", help="grade on the Dask cluster whose scheduler is at this address "
+                                           "(tcp://HOST:PORT); default: a local cluster on this machine")
+        p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                       help="notebooks graded side by side on the local cluster (default: one per core)")
         p.add_argument("--cell-timeout", type=float, default=Limits.cell_timeout, help="seconds per cell")
         p.add_argument("--notebook-timeout", type=float, default=Limits.notebook_timeout, help="seconds per notebook")
         p.add_argument("--memory", type=_size, default=Limits.memory, help="memory per notebook (default 2G)")
@@ -72,9 +89,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="grade even where no sandbox is available: submissions then run with YOUR rights")
     add("feedback", "write feedback HTML for every graded student")
     export = add("export", "write grades.csv and grades_canvas.csv")
-    for p in (grade, export):
+    for p in (grade, export, watch):
         p.add_argument("--canvas-column", help="the assignment's column in Canvas, e.g. 'Chapter 4 (1234)'")
-    for p in (export,):
+    for p in (export, watch):
         p.add_argument("--roster", type=Path)
     add("report", "write the misconception report")
     add("isolation", "say what isolation this machine gives a submission", slug=False)
@@ -87,10 +104,12 @@ def _setup_logging(folder: Path) -> Path:
     path = folder / "grading.log"
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("traitlets", "bncourse", "py.warnings"):
+    for name in ("traitlets", "bncourse", "py.warnings", "distributed"):
         logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
-        logger.setLevel(logging.INFO)
+        # Dask changes the level of its loggers' stream handlers: "distributed" gets one of its own
+        logger.handlers[:] = [handler if name != "distributed" else logging.FileHandler(path)]
+        logger.handlers[0].setFormatter(handler.formatter)
+        logger.setLevel(logging.WARNING if name == "distributed" else logging.INFO)
         logger.propagate = False
     logging.captureWarnings(True)  # SQLAlchemy's warnings from inside nbgrader belong in the log, not the terminal
     return path
@@ -137,11 +156,22 @@ def cmd_collect(args):
     return report
 
 
-def cmd_autograde(args, isolation: bool | None = None):
-    from tqdm import tqdm
+def _cluster(args, isolation: bool, students: int | None = None):
+    """The Dask cluster that grades, starting in the background (see bncourse.cluster)."""
+    from bncourse.cluster import Cluster
+    workers = max(1, min(args.workers, students or args.workers))
+    return Cluster(workers, _limits(args), isolation, args.scheduler).start()
 
+
+def _bar(total: int, desc: str):
+    """A progress bar on stderr: count, rate and time left."""
+    from tqdm import tqdm
+    return tqdm(total=total, unit="notebook", desc=desc, file=sys.stderr, smoothing=0.1)
+
+
+def cmd_autograde(args, isolation: bool | None = None, cluster=None, on_graded=lambda student: None):
     from bncourse.autograde import autograde, save_results, submitted_students
-    from bncourse.pool import Pool
+    from bncourse.cluster import ClusterUnavailable
 
     isolation = _isolation(args) if isolation is None else isolation
     config = _config(args)
@@ -150,34 +180,49 @@ def cmd_autograde(args, isolation: bool | None = None):
         print(f"Nothing to grade: no folder submitted/<student>/{args.slug}/. Import first "
               f"(bncourse collect {args.slug} <zip or folder>).", file=sys.stderr)
         raise SystemExit(3)
-    limits, workers = _limits(args), min(args.workers, len(students))
     started = time.monotonic()
-    pool = Pool(workers, limits, isolation)
-    bar = tqdm(total=len(students), unit="notebook", desc=f"grading {args.slug}", file=sys.stderr)
-    failed = []
+    own = cluster is None
+    cluster = cluster or _cluster(args, isolation, len(students))
+    bar, failed = None, []
+
+    def planned(count):
+        nonlocal bar
+        bar = _bar(count, f"grading {args.slug}")
 
     def progress(student, status):
         if not status.graded:
             failed.append(student)
+        else:
+            on_graded(student)
         bar.set_postfix(graded=bar.n + 1 - len(failed), not_graded=len(failed))
         bar.update(1)
 
     try:
-        statuses = autograde(config, args.slug, students, pool, log, progress)
+        statuses = autograde(config, args.slug, students, cluster, log, progress, args.regrade, planned)
+        where = cluster.describe() if any(not s.unchanged for s in statuses.values()) else ""
+    except ClusterUnavailable as exc:
+        print(f"{exc}\nStart the scheduler and workers first (book/instructors.md, \"Grading on a cluster\"), "
+              f"or leave out --scheduler to grade on this machine.", file=sys.stderr)
+        raise SystemExit(3)
     finally:
-        bar.close()
-        pool.close()
+        if bar is not None:
+            bar.close()
+        if own:
+            cluster.close()
     save_results(args.course.resolve(), args.slug, statuses)
     seconds = time.monotonic() - started
-    graded = [s for s in statuses.values() if s.graded]
-    print(f"Graded {len(graded)} of {len(statuses)} notebooks in {seconds:.1f} s "
-          f"({seconds / max(len(statuses), 1):.2f} s per notebook, {workers} side by side).")
+    fresh = [s for s in statuses.values() if not s.unchanged]
+    graded = [s for s in fresh if s.graded]
+    print(f"Graded {len(graded)} of {len(fresh)} notebooks in {seconds:.1f} s "
+          f"({seconds / max(len(fresh), 1):.2f} s per notebook" + (f", {where}" if where else "") + ")."
+          + (f" {len(statuses) - len(fresh)} unchanged since they were graded: left as they were (--regrade "
+             f"grades them again)." if len(fresh) < len(statuses) else ""))
     for status in statuses.values():
         if not status.graded:
-            print(f"  NOT GRADED {status.student}: {status.reason}")
-        elif status.reason:
+            print(f"  NOT GRADED {status.student}: {status.reason}" + (" (unchanged)" if status.unchanged else ""))
+        elif status.reason and not status.unchanged:
             print(f"  {status.student}: {status.reason}")
-    warned = {s.student: s.warnings for s in statuses.values() if s.warnings}
+    warned = {s.student: s.warnings for s in fresh if s.warnings}
     if warned:
         print("nbgrader's warnings (a grade cell edited, its points changed...; all in grading.log):")
         for student, warnings in warned.items():
@@ -185,18 +230,47 @@ def cmd_autograde(args, isolation: bool | None = None):
     return statuses
 
 
-def cmd_feedback(args):
+def generate_feedback(config, slug: str, only: list[str] | None = None, quiet: bool = False) -> dict:
+    """nbgrader's generate_feedback for every graded student (or ``only`` those), with a
+    progress bar; nbgrader's result dict."""
     from nbgrader.converters import GenerateFeedback
     from nbgrader.utils import capture_log
 
     from bncourse.autograde import coursedir
-    config = _config(args)
-    app = GenerateFeedback(coursedir=coursedir(config, args.slug), config=config)
+    directory = coursedir(config, slug)
+    graded = sorted(p.parts[-3] for p in Path(directory.root, directory.autograded_directory).glob(f"*/{slug}/*.ipynb"))
+    if only is not None:
+        directory.student_id_exclude = ",".join(s for s in graded if s not in set(only))
+    total = len(graded if only is None else set(only) & set(graded))
+    bar = _bar(total, f"feedback {slug}") if total > 1 and not quiet else None
+
+    class Feedback(GenerateFeedback):
+        def convert_single_notebook(self, notebook_filename):
+            super().convert_single_notebook(notebook_filename)
+            if bar is not None:
+                bar.update(1)
+
+    app = Feedback(coursedir=directory, config=config)
     app.force = True
-    result = capture_log(app)
+    try:
+        return capture_log(app)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def cmd_feedback(args, statuses=None, done=()):
+    """Feedback for every graded student; after grading, for those graded in this run only
+    (but ``done``, whose feedback was written as their grade came in)."""
+    config = _config(args)
+    only = None if statuses is None else sorted(s.student for s in statuses.values()
+                                                if not s.unchanged and s.student not in set(done))
+    result = generate_feedback(config, args.slug, only) if only != [] else {"success": True}
     folder = args.course / "feedback"
     count = len(list(folder.glob(f"*/{args.slug}/*.html")))
+    new = None if only is None else sum((folder / s / args.slug / f"{args.slug}.html").is_file() for s in [*only, *done])
     print(f"Feedback: {count} file(s) in {folder}/<student>/{args.slug}/" +
+          (f" ({new} new)" if new is not None else "") +
           ("" if result["success"] else " (some failed: see reports/<slug>/grading.log)"))
 
 
@@ -234,16 +308,42 @@ def cmd_report(args):
 def cmd_grade(args):
     started = time.monotonic()
     isolation = _isolation(args)
-    report = cmd_collect(args)
-    args.student = args.student or sorted(report.imported)
-    statuses = cmd_autograde(args, isolation) if args.student else {}
-    cmd_feedback(args)
+    cluster = _cluster(args, isolation)  # workers and sandboxes warm up while the submissions are imported
+    phases, fed, config = {}, [], _config(args)
+
+    def feedback(student):  # while the workers grade the others
+        if generate_feedback(config, args.slug, [student], quiet=True)["success"]:
+            fed.append(student)
+
+    try:
+        report = cmd_collect(args)
+        phases["import"] = time.monotonic()
+        args.student = args.student or sorted(report.imported)
+        statuses = cmd_autograde(args, isolation, cluster, feedback) if args.student else {}
+        phases["grading and feedback"] = time.monotonic()
+    finally:
+        closing = threading.Thread(target=cluster.close)  # while the sheets and report are written
+        closing.start()
+    cmd_feedback(args, statuses, fed)
+    phases["feedback"] = time.monotonic()
     cmd_export(args, statuses)
     cmd_report(args)
-    print(f"Done in {time.monotonic() - started:.1f} s. Detailed log: {args.course / 'reports' / args.slug / 'grading.log'}")
+    phases["sheets and report"] = time.monotonic()
+    closing.join()
+    marks = [started, *phases.values()]
+    print(f"Done in {time.monotonic() - started:.1f} s ("
+          + ", ".join(f"{name} {b - a:.1f} s" for name, a, b in zip(phases, marks, marks[1:]))
+          + f"). Detailed log: {args.course / 'reports' / args.slug / 'grading.log'}"
+          f"; timings: {args.course / 'reports' / args.slug / 'timings.csv'}")
     if report.dropped:
         return 2
     return 1 if any(not s.graded for s in statuses.values()) else 0
+
+
+def cmd_watch(args):
+    from bncourse.watch import watch
+    isolation = _isolation(args)
+    return watch(args, _config(args), _cluster(args, isolation), log)
 
 
 def main(argv=None) -> int:
@@ -267,6 +367,8 @@ def main(argv=None) -> int:
         return 1 if any(not s.graded for s in statuses.values()) else 0
     if args.command == "collect":
         return 2 if cmd_collect(args).dropped else 0
+    if args.command == "watch":
+        return cmd_watch(args)
     {"feedback": cmd_feedback, "export": cmd_export, "report": cmd_report}[args.command](args)
     return 0
 

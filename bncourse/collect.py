@@ -331,9 +331,10 @@ def collect(root: Path, slug: str, source: Path, roster: Roster | None = None, l
             continue
         target = root / "submitted" / student / slug / f"{slug}.ipynb"
         target.parent.mkdir(parents=True, exist_ok=True)
-        for old in target.parent.glob("*.ipynb"):
-            old.unlink()
-        target.write_bytes(best.data)
+        if not (target.is_file() and not target.is_symlink() and target.read_bytes() == best.data):
+            for old in target.parent.glob("*.ipynb"):  # an unchanged submission is left as it is
+                old.unlink()
+            target.write_bytes(best.data)
         report.imported[student] = best.origin
         if best.late:
             report.late.add(student)

@@ -423,7 +423,7 @@ class NotebookGrader:
         """A request to the notebook's process, which gets the cell's time limit for it
         (the checks' own work here is not counted against the learner); on timeout,
         interrupt it and give it a few seconds to answer."""
-        if message.get("op") == "call":
+        if message.get("op") in ("call", "define"):  # a fresh budget: the previous cell may have used its own
             self.cell_deadline = min(time.monotonic() + self.limits.cell_timeout, self.deadline)
         try:
             return self.sandbox.request(message, self.cell_deadline - time.monotonic())
