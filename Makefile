@@ -36,8 +36,10 @@ html: install
 	rm -rf _build
 	$(BIN)/jupyter-book build . -W --keep-going
 
+# One worker per core; a test module's (or class's) tests stay together, so its shared
+# fixtures (a class graded once, a fresh environment) are built once.
 test: html system-deps
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadgroup
 
 # Record the visible checks' answers for the learner package, then regenerate the
 # released notebooks from solutions/ (commit both: tests fail when either is stale).

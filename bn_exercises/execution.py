@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 __all__ = ["Outcome", "LearnerError", "Forbidden", "call_student", "fingerprint", "trust_loaded_code",
-           "use_executor", "current_executor"]
+           "use_executor", "current_executor", "one_thread"]
 
 def _package_dirs() -> tuple[str, ...]:
     """The folders of the course's packages: this one, and the grader's bn_reference where
@@ -335,6 +335,24 @@ def _changed(before: Any, after: Any, path: str) -> list[str]:
     return []
 
 
+@contextlib.contextmanager
+def one_thread():
+    """PyTorch on one thread for the block, when PyTorch is in use (restored after). Its
+    reductions then add up in one order, so the reference recorded at release, the
+    grader's live reference and the learner's code agree to the last bit when they
+    compute the same thing, wherever they run (the class grader's sandbox runs one thread)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def call_student(run: Callable, student: Any, case: Any, forbidden: Forbidden = Forbidden()) -> Outcome:
     """Run ``run(student, case)`` on a private deep copy of ``case.data`` and observe it.
 
@@ -348,7 +366,8 @@ def call_student(run: Callable, student: Any, case: Any, forbidden: Forbidden = 
     outcome = Outcome()
     with _capturing_stderr() as notes, _watching(forbidden) as watcher:
         try:
-            outcome.value = run(student, private)
+            with one_thread():
+                outcome.value = run(student, private)
         except (Exception, KeyboardInterrupt) as exc:
             outcome.error = LearnerError(type(exc).__name__, str(exc), _learner_traceback(exc),
                                          getattr(exc, "misconception", None))

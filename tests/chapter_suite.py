@@ -153,6 +153,7 @@ class CycleSuite:
         assert not shared, [forbidden[fp] for fp in shared]
 
     def test_scores(self, cycle):
+        print("scores:", {student: score for student, score in sorted(cycle.scores.items())})
         assert cycle.scores["solution"] == (self.full_score, self.full_score), cycle.log
         assert cycle.scores["blank"] == (0, self.full_score), cycle.log
         for student in self.buggy:

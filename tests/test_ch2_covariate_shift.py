@@ -492,7 +492,7 @@ def test_structural_mistakes_get_clear_messages():
             self.bn = nn.BatchNorm1d(num_features, **{k: v for k, v in kwargs.items() if "noise" not in k})
     with pytest.raises(CheckFailed, match="must subclass nn.BatchNorm1d"):
         grading.check_noisy_batchnorm(Composed)
-    with pytest.raises(CheckFailed, match=r"must return a pair \(distances, cosines\)"):
+    with pytest.raises(CheckFailed, match=r"must return a pair \(distances \|\|G - G'\|\| \(one per layer\), cosines"):
         grading.check_gradient_shift(lambda model, x, y, loss_fn, lr: {"distances": [0.0]})
 
 

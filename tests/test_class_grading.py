@@ -516,6 +516,15 @@ def _full(graded) -> float:
     return graded.scores["c00"][1]
 
 
+def _points_before_the_last_check(graded, student) -> float:
+    """The points an attack in the last solution cell (``inject``'s default) leaves its author:
+    those of every grade cell before the one that follows that cell."""
+    cells = graded.autograded[student].cells
+    last = cells.index(_solution_cells(graded.autograded[student])[-1])
+    after = next(c for c in cells[last:] if c in _grade_cells(graded.autograded[student]))
+    return _points_before(graded, student, after.metadata.nbgrader["grade_id"])
+
+
 def _points_before(graded, student, grade_id) -> float:
     """The points of the grade cells before ``grade_id`` (which the attacker keeps)."""
     points = 0.0
@@ -635,7 +644,7 @@ def test_an_endless_loop_costs_one_cell_not_the_notebook(graded):
 
 
 def test_a_loop_that_swallows_the_interrupt_is_stopped(graded):
-    kept = _points_before(graded, "swallows_interrupt", "test_hessian_condition_number")
+    kept = _points_before_the_last_check(graded, "swallows_interrupt")
     assert graded.scores["swallows_interrupt"][0] == kept
     assert "did not stop when interrupted" in _text(graded, "swallows_interrupt")
 
@@ -666,7 +675,7 @@ def test_floods_are_cut_and_cost_nothing(graded):
 
 @pytest.mark.parametrize("student, says", [("os_exit", "exited with code 3"), ("segfault", "segmentation fault")])
 def test_a_dead_process_keeps_the_points_earned_before_it(graded, student, says):
-    kept = _points_before(graded, student, "test_hessian_condition_number")
+    kept = _points_before_the_last_check(graded, student)
     assert graded.scores[student][0] == kept > 0
     assert says in _text(graded, student) and "cells before it keep their results" in _text(graded, student)
 
@@ -854,7 +863,7 @@ def test_a_reply_that_trickles_in_meets_the_cells_deadline(graded):
 def test_a_reply_naming_one_array_many_times_is_refused_before_decoding(graded):
     """A reply whose header names one 8 MB array 200 times (1.6 GB decoded) stops that
     notebook at once: the cells before it keep their points, the class goes on."""
-    kept = _points_before(graded, "amplifies_reply", "test_hessian_condition_number")
+    kept = _points_before_the_last_check(graded, "amplifies_reply")
     assert graded.scores["amplifies_reply"][0] == kept > 0
     result = graded.results["amplifies_reply"]
     assert result["seconds"] < CELL, result
@@ -877,7 +886,7 @@ def test_no_user_namespace_no_mount_inside_the_sandbox(graded):
 def test_shared_memory_counts_against_the_notebooks_memory(graded):
     """Shared-memory segments filled and detached one by one escape the address-space limit;
     the sandbox's memory cgroup does not let them past the notebook's allowance."""
-    kept = _points_before(graded, "hogs_shared_memory", "test_hessian_condition_number")
+    kept = _points_before_the_last_check(graded, "hogs_shared_memory")
     assert graded.scores["hogs_shared_memory"][0] == kept > 0
     assert "HELD 6 GiB" not in _outputs(graded.autograded["hogs_shared_memory"])
     assert "ran out of memory" in _text(graded, "hogs_shared_memory")

@@ -33,7 +33,7 @@ import numpy as np
 
 from bn_exercises.checking import (ALSO, INPUT_CHANGED, INSTRUMENTATION_OFF, NOT_IMPLEMENTED, REFERENCE_USED, Case,
                                    CheckFailed, _quietly, judge, print_notes, report_pass)
-from bn_exercises.execution import Forbidden, current_executor
+from bn_exercises.execution import Forbidden, current_executor, one_thread
 
 __all__ = ["CheckFailed", "Case", "Misconception", "combined", "run_check", "report_pass", "case_rng", "hidden_seed",
            "use_secret", "GradingSecretMissing", "REFERENCE_USED", "INPUT_CHANGED", "INSTRUMENTATION_OFF",
@@ -136,7 +136,8 @@ def _forbidden(reference: Any, catalogue: Sequence[Misconception], student: Any)
 
 def _on_copy(run: Callable, fn: Any, case: Case) -> Any:
     """``run(fn, case)`` on a private deep copy of the case's data (course code only)."""
-    return run(fn, Case(case.label, copy.deepcopy(case.data), case.mutable))
+    with one_thread():
+        return run(fn, Case(case.label, copy.deepcopy(case.data), case.mutable))
 
 
 _RESULTS: dict[tuple, tuple[Any, Any]] = {}  # (impl, run, data) digests -> (impl, output)

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 import bn_exercises
 from bn_exercises import codec
 from bn_exercises.checking import FORMAT, _quietly, read_answers
+from bn_exercises.execution import one_thread
 from bn_reference.grading import _on_copy, _recording
 
 ANSWERS = Path(bn_exercises.__file__).resolve().parent / "answers"
@@ -58,17 +58,6 @@ def captured(topic: str) -> list[dict]:
     return calls
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Single-threaded torch: reductions then add up in one order, so outputs reproduce exactly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def build(topic: str) -> tuple[dict, list[np.ndarray]]:
     """The recording of one topic: its index (a JSON-able dict) and its arrays."""
     arrays: list[np.ndarray] = []
@@ -79,7 +68,7 @@ def build(topic: str) -> tuple[dict, list[np.ndarray]]:
         return codec.encode(value, arrays, strict=True, refer=refer, shared=shared)[0]
 
     tasks: dict[str, dict] = {}
-    with _one_thread():
+    with one_thread():
         for call in captured(topic):
             task, run, reference = call["task"], call["run"], call["reference"]
             if task in tasks:

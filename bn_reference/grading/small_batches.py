@@ -647,12 +647,17 @@ VARIANCE_CATALOGUE = [Misconception(name, fix, partial(_wrong_variances, bug=bug
 
 def _variance_cases(hidden: bool):
     rng = case_rng(hidden, 11)
-    settings = [(4, 1.0), (32, 2.0), (5, float(rng.uniform(0.3, 0.8))), (2, 1.0)]
-    if hidden:
-        settings += [(int(rng.integers(6, 200)), float(rng.uniform(1.5, 4.0))), (3, 0.5)]
+    if hidden:  # none of the visible settings: sizes and spreads drawn with the secret
+        settings = [(3, float(rng.uniform(0.3, 0.8))), (int(rng.integers(6, 31)), float(rng.uniform(1.5, 4.0))),
+                    (int(rng.integers(33, 200)), float(rng.uniform(0.3, 0.9))),
+                    (2, float(rng.uniform(1.2, 2.5)))]  # after the others: at m=2, m - 1 = m / 2 hides a mistake
+        one = float(rng.uniform(1.5, 2.5))
+    else:
+        settings = [(4, 1.0), (32, 2.0), (5, float(rng.uniform(0.3, 0.8))), (2, 1.0)]
+        one = 3.0
     cases = [Case(f"m={m}, sigma={sigma:.4g}", {"m": m, "sigma": sigma, "rtol": 1e-9, "atol": 1e-12})
              for m, sigma in settings]
-    cases.append(Case("m=1, sigma=3: one value, whose variance is 0", {"m": 1, "sigma": 3.0}))
+    cases.append(Case(f"m=1, sigma={one:.4g}: one value, whose variance is 0", {"m": 1, "sigma": one}))
     return cases
 
 
