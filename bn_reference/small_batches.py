@@ -27,13 +27,13 @@ odd batches, and trains the small networks of the chapter's figures.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
 import numpy as np
 import torch
 from torch import nn
-from torch.backends.mkldnn import flags as _mkldnn_flags
 from torch.nn import functional as F
 
 from bn_exercises.small_batches import load_digits_data, make_mlp, train_mlp
@@ -396,12 +396,17 @@ def load_digits_images():
     return X_train.reshape(-1, 1, 8, 8), X_test.reshape(-1, 1, 8, 8), y_train, y_test
 
 
+@contextlib.contextmanager
 def _small_convolutions():
     """PyTorch's own convolution kernels instead of oneDNN's: for 8x8 maps and a few
     images, oneDNN's set-up costs about as much as the convolution (measured: a training
-    step at batch 2 takes half the time without it). Restored on exit. (Imported by name:
-    code that names ``torch.backends.mkldnn`` cannot be shipped by value with cloudpickle.)"""
-    return _mkldnn_flags(enabled=False)
+    step at batch 2 takes half the time without it). Restored on exit."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
 
 
 NORMS = ("bn", "gn", "ln", "none", "ghost")
