@@ -36,10 +36,10 @@ html: install
 	rm -rf _build
 	$(BIN)/jupyter-book build . -W --keep-going
 
-# One worker per core; a test module's (or class's) tests stay together, so its shared
-# fixtures (a class graded once, a fresh environment) are built once.
+# One worker per core; a test module's functions, or a test class's methods, stay together,
+# so the fixtures they share (a class graded once, a fresh environment) are built once.
 test: html system-deps
-	$(PY) -m pytest -n auto --dist loadgroup
+	$(PY) -m pytest -n auto --dist loadscope
 
 # Record the visible checks' answers for the learner package, then regenerate the
 # released notebooks from solutions/ (commit both: tests fail when either is stale).
