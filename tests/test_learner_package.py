@@ -343,10 +343,6 @@ def test_every_catalogue_entry_is_named_without_the_grader(learner_venv, fresh_r
 
     import copyreg
 
-    # modules of a subclass of ModuleType (torch.backends.mkldnn, ...), which pickle would
-    # copy: shipped by name, as modules are
-    for kind in {type(m) for m in list(sys.modules.values()) if isinstance(m, types.ModuleType)} - {types.ModuleType}:
-        copyreg.pickle(kind, lambda module: (importlib.import_module, (module.__name__,)))
     cloudpickle.register_pickle_by_value(bn_reference)
     try:
         entries, expected = [], []
@@ -359,6 +355,11 @@ def test_every_catalogue_entry_is_named_without_the_grader(learner_venv, fresh_r
                 for m in catalogue:
                     entries.append((f"bn_exercises.{_topic(slug)}", check.__name__, m.name, m.impl))
                     expected.append(chapter_suite._verdict(check, m.impl)[0])
+        # modules of a subclass of ModuleType (torch.backends.mkldnn, ...), which pickle would
+        # copy: shipped by name, as modules are
+        for kind in {type(m) for m in list(sys.modules.values()) if isinstance(m, types.ModuleType)} - \
+                {types.ModuleType}:
+            copyreg.pickle(kind, lambda module: (importlib.import_module, (module.__name__,)))
         pickled = tmp_path / "entries.pkl"
         pickled.write_bytes(cloudpickle.dumps(entries))
     finally:

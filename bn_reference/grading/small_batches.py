@@ -16,7 +16,6 @@ mistakes real code makes together can be listed as combined entries
 
 from __future__ import annotations
 
-import functools
 from functools import partial
 
 import numpy as np
@@ -755,13 +754,19 @@ _VARIANTS = {
 }
 
 
-@functools.lru_cache(maxsize=32)
+_TRAINED: dict[tuple[str, int], nn.Module] = {}  # a plain dict, not lru_cache: cloudpickle ships it by value
+
+
 def _trained(run: str, seed: int) -> nn.Module:
     """The network of one run, trained as the reference experiment trains it (cached: the
     wrong experiments share the reference's runs and differ in what they measure)."""
-    norm, batch_size = {**ref.EXPERIMENT_SETUP, **_VARIANTS}[run]
-    X_train, _, y_train, _ = load_digits_data()
-    return train_mlp(make_mlp(norm, seed=seed), X_train, y_train, batch_size, seed=seed)
+    if (run, seed) not in _TRAINED:
+        if len(_TRAINED) >= 32:
+            _TRAINED.clear()
+        norm, batch_size = {**ref.EXPERIMENT_SETUP, **_VARIANTS}[run]
+        X_train, _, y_train, _ = load_digits_data()
+        _TRAINED[run, seed] = train_mlp(make_mlp(norm, seed=seed), X_train, y_train, batch_size, seed=seed)
+    return _TRAINED[run, seed]
 
 
 # A GroupNorm with batch statistics is not among them: its groups of 4 channels of 2 examples give it a
