@@ -58,7 +58,7 @@ learner-repo: install
 bench: install
 	$(PY) -m bn_reference.benchmarks.backprop
 	$(PY) -m bn_reference.benchmarks.whitening
-	$(PY) -m bncourse.benchmark
+	$(PY) -m bncourse.benchmark --json book/_data/grading_benchmark.json
 
 clean:
 	rm -rf _build submitted autograded feedback downloaded reports gradebook.db bn_exercises/build

@@ -1,7 +1,7 @@
 """How ``bncourse`` scales against serial ``nbgrader autograde``, measured side by side.
 
     python -m bncourse.benchmark [--students 60] [--chapters ch1_feature_scaling ch4_backprop ch5_inference]
-                                 [--workers 1 2 4] [--class-size 12] [--class-chapter ch4_backprop]
+                                 [--workers 1 2 4] [--class-size 12] [--class-chapter ch4_backprop] [--json FILE]
 
 Builds a synthetic class in a temporary course directory - per chapter and student
 a correct, a half-done (one answer still the stub), a blank, a crashing (one answer
@@ -20,13 +20,17 @@ raises) or a corrupt notebook - and grades identical copies of it, in the same r
    sheets, report) against ``nbgrader autograde`` alone, on ``--class-size``
    students of ``--class-chapter``, with ``bncourse``'s own phase times.
 
-It also says whether every notebook got the same score from both. Timings are
-measured, never asserted: machines are noisy.
+It also measures every chapter's own compute per notebook (a model answer, in one warm
+process), from which the instructors' page plans a large section, and says whether every
+notebook got the same score from both graders. ``--json`` writes all of it to a file
+(``make bench``: ``book/_data/grading_benchmark.json``, which the page reads). Timings
+are measured, never asserted: machines are noisy.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -152,14 +156,16 @@ def bncourse(course: Path, *args: str) -> subprocess.CompletedProcess:
 
 def warm_compute(course: Path, chapters: list[str], students: int) -> tuple[float, float]:
     """(wall, CPU) seconds per notebook of the notebooks' own work - every code cell, the
-    grade cells with the grader's checks (visible and hidden cases) - run in this one warm
-    process, each kind of notebook once and weighted as the class has it."""
+    grade cells with the grader's checks (visible and hidden cases), the figures drawn - run
+    in this one warm process on one thread (as in a sandbox), each kind of notebook once and
+    weighted as the class has it."""
     import warnings
 
     import matplotlib
     matplotlib.use("Agg")
     from IPython.core.inputtransformer2 import TransformerManager
 
+    from bn_exercises.execution import one_thread
     from bn_reference.grading import use_secret
     from bncourse.judge import Release
 
@@ -177,7 +183,7 @@ def warm_compute(course: Path, chapters: list[str], students: int) -> tuple[floa
                 continue  # corrupt: no compute at all
             started, cpu_started = time.perf_counter(), time.process_time()
             names: dict = {}
-            with use_secret("the benchmark's secret"), warnings.catch_warnings(), \
+            with use_secret("the benchmark's secret"), warnings.catch_warnings(), one_thread(), \
                     tempfile.TemporaryDirectory() as scratch, _quiet():
                 warnings.simplefilter("ignore")
                 here = os.getcwd()
@@ -192,6 +198,7 @@ def warm_compute(course: Path, chapters: list[str], students: int) -> tuple[floa
                             exec(TransformerManager().transform_cell(cell.source), names)
                         except BaseException:
                             pass
+                        _render_figures()
                 finally:
                     os.chdir(here)
             share = kinds.count(kind)
@@ -199,6 +206,17 @@ def warm_compute(course: Path, chapters: list[str], students: int) -> tuple[floa
             cpu += share * (time.process_time() - cpu_started)
     n = students * len(chapters)
     return wall / n, cpu / n
+
+
+def _render_figures() -> None:
+    """Draw the cell's open figures to PNG and close them, as Jupyter's inline backend does
+    after every cell (the notebook's own work, in nbgrader and in the sandbox alike)."""
+    import io
+
+    import matplotlib.pyplot as plt
+    for number in plt.get_fignums():
+        plt.figure(number).savefig(io.BytesIO(), format="png", bbox_inches="tight")
+    plt.close("all")
 
 
 class _quiet:
@@ -262,7 +280,7 @@ def _row(name: str, m: Measured, n: int, serial: Measured | None = None, workers
     return " | ".join(cells)
 
 
-def scaling(tmp: Path, chapters: list[str], students: int, worker_counts: list[int]) -> None:
+def scaling(tmp: Path, chapters: list[str], students: int, worker_counts: list[int]) -> dict:
     """The scaling table (see the module's docstring)."""
     n = students * len(chapters)
     plain = build(tmp / "plain", chapters, students)
@@ -281,6 +299,9 @@ def scaling(tmp: Path, chapters: list[str], students: int, worker_counts: list[i
             nbgrader(plain, "autograde", slug, "--create")
     print(_row("nbgrader autograde (serial, no sandbox)", serial, n))
     reference = _scores(plain, chapters, students)
+    results = {"notebooks": n, "students": students, "chapters": chapters, "cpus": os.cpu_count(),
+               "compute_wall": compute[0], "compute_cpu": compute[1],
+               "serial_nbgrader": {"wall": serial.wall, "cpu": serial.cpu}, "runs": []}
     for (name, workers, tcp), course in zip(runs, copies):
         with Measured() as m:
             if tcp:
@@ -294,11 +315,55 @@ def scaling(tmp: Path, chapters: list[str], students: int, worker_counts: list[i
         differ = [k for k, v in _scores(course, chapters, students).items() if (v or 0) != (reference[k] or 0)]
         if differ:
             print(f"  SCORES DIFFER from nbgrader's for {len(differ)} notebook(s): {differ[:5]}")
+        client = client_seconds(course, chapters)
+        print(f"  the client's own time per notebook (nbgrader's recording into the gradebook): {client:.2f} s")
+        results["runs"].append({"name": name, "workers": workers, "tcp": bool(tcp), "wall": m.wall, "cpu": m.cpu,
+                                "overhead_wall": m.wall * workers / n - compute[0],
+                                "overhead_cpu": m.cpu / n - compute[1], "client_seconds": client,
+                                "same_scores": not differ})
     print("(overhead/nb: worker time per notebook beyond the notebook's own compute - for wall time, "
           "wall x workers / notebooks - compute; for CPU, all CPU per notebook - compute)")
+    return results
 
 
-def small_class(tmp: Path, slug: str, students: int) -> None:
+def client_seconds(course: Path, chapters: list[str]) -> float:
+    """Mean seconds the ``bncourse`` client spent on each graded notebook after its worker
+    finished it (nbgrader's autograde pass that writes the gradebook, the ledger, the
+    timings): it records one notebook at a time, so this bounds a class's rate whatever the
+    number of workers. From ``timings.csv``: each notebook's recording starts when its
+    result is in and the previous recording is done."""
+    from datetime import datetime
+
+    from bncourse import timings
+
+    def at(stamp: str) -> float:
+        return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
+
+    spans = []
+    for slug in chapters:
+        rows = [r for r in timings.read(course / "reports" / slug / "timings.csv") if r["finished"]]
+        rows.sort(key=lambda r: r["recorded"])
+        previous = 0.0
+        for r in rows:
+            spans.append(at(r["recorded"]) - max(at(r["finished"]), previous))
+            previous = at(r["recorded"])
+    return sum(spans) / len(spans)
+
+
+def chapter_compute(folder: Path) -> dict[str, dict[str, float]]:
+    """Every chapter's own compute per notebook, a model answer's (the costliest kind: every
+    cell and check runs), in one warm process: what the plan for a large section scales."""
+    slugs = sorted(p.name for p in (ROOT / "solutions").iterdir() if p.is_dir())
+    course = make_course(folder, slugs)
+    out = {}
+    for slug in slugs:
+        wall, cpu = warm_compute(course, [slug], 1)  # student 0 hands in a model answer
+        out[slug] = {"wall": wall, "cpu": cpu}
+        print(f"{slug}: a model answer's own compute {wall:.2f} s wall, {cpu:.2f} s CPU")
+    return out
+
+
+def small_class(tmp: Path, slug: str, students: int) -> dict:
     """``bncourse grade`` end to end against ``nbgrader autograde`` alone, ``students`` of ``slug``."""
     plain = build(tmp / "small", [slug], students)
     incoming = tmp / "small_incoming"
@@ -318,6 +383,9 @@ def small_class(tmp: Path, slug: str, students: int) -> None:
     a, b = _scores(plain, [slug], students), _scores(ours, [slug], students)
     differ = {k[1]: (a[k], b[k]) for k in a if (a[k] or 0) != (b[k] or 0)}
     print(f"  same score for every notebook: {not differ}" + (f" (nbgrader, bncourse: {differ})" if differ else ""))
+    return {"students": students, "chapter": slug, "bncourse": {"wall": whole.wall, "cpu": whole.cpu},
+            "nbgrader": {"wall": alone.wall, "cpu": alone.cpu}, "phases": phases[0] if phases else "",
+            "same_scores": not differ}
 
 
 def main(argv=None) -> None:
@@ -328,11 +396,18 @@ def main(argv=None) -> None:
     parser.add_argument("--class-size", type=int, default=12)
     parser.add_argument("--class-chapter", default="ch4_backprop", help="the small class's chapter")
     parser.add_argument("--skip-scaling", action="store_true", help="only the small class end to end")
+    parser.add_argument("--json", type=Path, help="also write the measurements here (book/_data/grading_benchmark.json "
+                                                  "feeds the instructors' page and its plan for a large section)")
     args = parser.parse_args(argv)
+    measured = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
-        small_class(Path(tmp), args.class_chapter, args.class_size)
+        measured["chapter_compute"] = chapter_compute(Path(tmp) / "chapters")
+        measured["small_class"] = small_class(Path(tmp), args.class_chapter, args.class_size)
         if not args.skip_scaling:
-            scaling(Path(tmp), args.chapters, args.students, args.workers)
+            measured["scaling"] = scaling(Path(tmp), args.chapters, args.students, args.workers)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(measured, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -226,11 +226,20 @@ _DEFINED: dict[int, tuple] = {}  # the checks' code the grader shipped: id -> (c
 
 
 def _define(request: dict) -> dict:
+    """Load a check's code, shipped by value. Its copy of ``bn_exercises.execution`` gets the
+    libraries' code as :func:`_preload` found it, before any notebook ran: left to itself it
+    would list it anew at its first call, after the learner's cells had run (a module the
+    notebook made, claiming a library's file, would then count as a library's), and again
+    for every check of every notebook."""
     import cloudpickle
+
+    from bn_exercises import execution
     try:
-        _DEFINED[request["id"]] = cloudpickle.loads(request["payload"])
+        shipped = cloudpickle.loads(request["payload"])
     except Exception as exc:  # the check's code does not load here: a course bug, reported as one
         return {"op": "defined", "error": f"{type(exc).__name__}: {exc}"[:500]}
+    shipped[0].__globals__["_TRUSTED"] = execution._TRUSTED  # shipped = (call_student, run, forbidden)
+    _DEFINED[request["id"]] = shipped
     return {"op": "defined"}
 
 

@@ -560,12 +560,19 @@ def test_the_experiments_helpers_are_seeded_and_leave_nothing_shared():
 
 
 def test_one_thread_restores_the_thread_settings():
-    from threadpoolctl import threadpool_info
+    from threadpoolctl import threadpool_info, threadpool_limits
 
-    before = (torch.get_num_threads(), [i["num_threads"] for i in threadpool_info()])
-    with learner.one_thread():
-        assert torch.get_num_threads() == 1 and all(i["num_threads"] == 1 for i in threadpool_info())
-    assert (torch.get_num_threads(), [i["num_threads"] for i in threadpool_info()]) == before
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the tests run on one thread (conftest.py): start from two
+    try:
+        with threadpool_limits(2):
+            before = (torch.get_num_threads(), [i["num_threads"] for i in threadpool_info()])
+            assert before[0] == 2 and 2 in before[1]
+            with learner.one_thread():
+                assert torch.get_num_threads() == 1 and all(i["num_threads"] == 1 for i in threadpool_info())
+            assert (torch.get_num_threads(), [i["num_threads"] for i in threadpool_info()]) == before
+    finally:
+        torch.set_num_threads(threads)
 
 
 EXPERIMENT_SETTINGS = [{}, {"n_steps": 120, "batch_size": 16, "lr": 0.2}, {"n_steps": 200, "batch_size": 24, "lr": 0.3},

@@ -13,6 +13,7 @@ changes; the class finishes.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import socket
 import sqlite3
@@ -120,6 +121,8 @@ def _attacks(model, release, course: Path, port: int) -> dict:
         "claims_grade_ids": _claims_grade_ids(model),
         "precomputes_hidden_answers": replace(model, _answer_table(), cell=2),
         "execs_copy_as_library": replace(model, EXEC_AS_LIBRARY.format(source=_pasted_reference()), cell=2),
+        "registers_library_module": replace(model, LIBRARY_MODULE.format(
+            encoded=base64.b64encode(_pasted_reference(with_helpers=True).encode()).decode()), cell=2),
         "trickles_reply": inject(model, TRICKLE),
         "amplifies_reply": inject(model, AMPLIFY),
         "forges_huge_outputs": inject(model, FORGED_OUTPUTS, cell=0),
@@ -205,13 +208,15 @@ def _sleepy(model):
     return nb
 
 
-def _pasted_reference() -> str:
-    """The course's mse_gradient, pasted with its variables renamed (what a copy from the repository looks like)."""
+def _pasted_reference(with_helpers: bool = False) -> str:
+    """The course's mse_gradient, pasted with its variables renamed (what a copy from the repository looks
+    like); ``with_helpers``: with the helpers it calls, so that the copy runs on its own."""
     import inspect
     import re
 
-    from bn_reference import feature_scaling
-    source = inspect.getsource(feature_scaling.mse_gradient)
+    from bn_reference import feature_scaling as fs
+    helpers = [fs._check_matrix, fs._check_regression] if with_helpers else []
+    source = "\n".join(inspect.getsource(f) for f in [*helpers, fs.mse_gradient])
     return re.sub(r"\br\b", "residual", source)
 
 
@@ -254,6 +259,16 @@ print("canary: kernel objects", bool(ipc or os.listdir("/dev/shm") or os.listdir
 EXEC_AS_LIBRARY = '''
 import sys
 exec(compile({source!r}, sys.prefix + "/lib/python3.11/site-packages/numpy/_local_helpers.py", "exec"))
+'''
+
+LIBRARY_MODULE = '''
+import base64, sys, types
+_helpers = types.ModuleType("numpy._core._gradient_helpers")
+_helpers.__file__ = sys.prefix + "/lib/python3.11/site-packages/numpy/_core/_gradient_helpers.py"
+_helpers.np = np
+exec(compile(base64.b64decode({encoded!r}).decode(), _helpers.__file__, "exec"), vars(_helpers))
+sys.modules[_helpers.__name__] = _helpers
+mse_gradient = _helpers.mse_gradient
 '''
 
 FIND_SOCKETS = '''
@@ -848,6 +863,14 @@ def test_hidden_cases_cannot_be_precomputed(graded):
 
 def test_an_exec_copy_claiming_a_library_file_is_still_the_reference(graded):
     verdicts = {t["task"]: t for t in graded.results["execs_copy_as_library"]["tasks"]}
+    assert verdicts["mse_gradient"]["misconception"] == REFERENCE_USED, verdicts["mse_gradient"]
+
+
+def test_a_copy_in_a_module_claiming_a_library_file_is_still_the_reference(graded):
+    """The copy, base64-encoded (no source to find), lives in a module the notebook makes and
+    registers under a library's name and file. Only the code loaded before the first notebook
+    counts as the libraries', so it is fingerprinted like any other."""
+    verdicts = {t["task"]: t for t in graded.results["registers_library_module"]["tasks"]}
     assert verdicts["mse_gradient"]["misconception"] == REFERENCE_USED, verdicts["mse_gradient"]
 
 
