@@ -172,6 +172,19 @@ class Release:
         return names
 
 
+_RELEASES: dict[tuple, tuple[dict[str, Any], set[str]]] = {}
+
+
+def _checks_and_names(release: Release) -> tuple[dict[str, Any], set[str]]:
+    """``release.checks()`` and ``release.known_misconceptions()``, worked out once per
+    assignment in a worker (every job brings its own copy of the same record)."""
+    key = (tuple(sorted(release.grade_cells.items())), release.locked_sources)
+    if key not in _RELEASES:
+        _RELEASES[key] = release.checks(), release.known_misconceptions()
+    checks, known = _RELEASES[key]
+    return dict(checks), set(known)
+
+
 def _python_source(source: str) -> str:
     """A cell's source as plain Python (IPython magics turned into calls)."""
     from IPython.core.inputtransformer2 import TransformerManager
@@ -286,6 +299,19 @@ def ship(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
+_CHECK_CODE: dict[tuple[int, int], tuple[Any, Any, bytes]] = {}  # (run, forbidden) ids -> (run, forbidden, bytes)
+
+
+def ship_check_code(run: Any, forbidden: Forbidden) -> bytes:
+    """What the sandbox runs a check's ``run`` with - ``call_student``, ``run`` and the
+    fingerprints of ``forbidden`` - shipped by value; the same bytes for every notebook a
+    worker grades (course code does not change while it runs), so pickled once."""
+    key = (id(run), id(forbidden))
+    if key not in _CHECK_CODE:  # holding run and forbidden keeps their ids theirs
+        _CHECK_CODE[key] = (run, forbidden, ship((call_student, run, forbidden.shipped())))
+    return _CHECK_CODE[key][2]
+
+
 # --------------------------------------------------------------------------
 # Outputs the grader accepts from the sandbox
 
@@ -370,7 +396,7 @@ class NotebookGrader:
 
     def __init__(self, sandbox: Sandbox, nb: nbformat.NotebookNode, limits: Limits, release: Release):
         self.sandbox, self.nb, self.limits, self.release = sandbox, nb, limits, release
-        self.checks, self.known = release.checks(), release.known_misconceptions()
+        self.checks, self.known = _checks_and_names(release)
         self.prints = source_fingerprints(nb, release)
         self.result = NotebookResult(digest=code_digest(nb))
         self.defined: dict[tuple[int, int], int] = {}
@@ -388,8 +414,7 @@ class NotebookGrader:
             code = len(self.defined)
             self.defined[id(run), id(forbidden)] = code
             self._keep.append((run, forbidden))  # their ids stay theirs while this notebook is graded
-            defined = self._request({"op": "define", "id": code,
-                                     "payload": ship((call_student, run, forbidden.shipped()))})
+            defined = self._request({"op": "define", "id": code, "payload": ship_check_code(run, forbidden)})
             if defined.get("error"):
                 raise RuntimeError(f"the check's code did not load in the sandbox: {defined['error']}")
         reply = self._request({"op": "call", "name": student.name, "code": code, "payload": ship(case)})

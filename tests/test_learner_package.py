@@ -338,23 +338,22 @@ def test_the_model_answers_pass_every_visible_check(fresh_runs, slug):
 
 def test_every_catalogue_entry_is_named_without_the_grader(learner_venv, fresh_runs, tmp_path):
     """Every entry of every chapter, shipped by value into the fresh environment, is
-    named by the learner package's visible check exactly as by the grader's."""
+    named by the learner package's visible check with its own name - the name the
+    grader's live check gives it (each chapter's ``test_check_names_each_misconception``)."""
     import chapter_suite
 
     import copyreg
 
     cloudpickle.register_pickle_by_value(bn_reference)
     try:
-        entries, expected = [], []
+        entries = []
         for slug in SLUGS:
             suite = next(v for v in vars(importlib.import_module(f"test_{slug}")).values()
                          if isinstance(v, type) and issubclass(v, chapter_suite.CatalogueSuite)
                          and v is not chapter_suite.CatalogueSuite)
             for task, catalogue in suite.catalogue.items():
-                check = suite.checks[task]
-                for m in catalogue:
-                    entries.append((f"bn_exercises.{_topic(slug)}", check.__name__, m.name, m.impl))
-                    expected.append(chapter_suite._verdict(check, m.impl)[0])
+                entries += [(f"bn_exercises.{_topic(slug)}", suite.checks[task].__name__, m.name, m.impl)
+                            for m in catalogue]
         # modules of a subclass of ModuleType (torch.backends.mkldnn, ...), which pickle would
         # copy: shipped by name, as modules are
         for kind in {type(m) for m in list(sys.modules.values()) if isinstance(m, types.ModuleType)} - \
@@ -370,7 +369,7 @@ def test_every_catalogue_entry_is_named_without_the_grader(learner_venv, fresh_r
                           timeout=1800, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     named = json.loads(proc.stdout)
-    assert named == expected
+    assert len(named) == len(entries)
     assert all(n == e[2] for n, e in zip(named, entries)), [(e[2], n) for n, e in zip(named, entries) if n != e[2]]
     print(f"{len(entries)} catalogue entries named in the fresh environment")
 
