@@ -10,9 +10,10 @@ raises) or a corrupt notebook - and grades identical copies of it, in the same r
 1. **scaling**: serial ``nbgrader autograde`` (a kernel per notebook, one at a time,
    no sandbox), then ``bncourse autograde`` on a local Dask cluster of 1, 2 and 4
    workers, and on a cluster reached over TCP (a ``dask scheduler`` and two ``dask
-   worker`` processes started here, ``--scheduler``). For each: wall and CPU time
-   (CPU of every process involved: on a machine shared with other work, wall time is
-   inflated and CPU time is not), seconds per notebook, the ratio to serial nbgrader,
+   worker`` processes started here, ``--scheduler``). For each: wall time (run it on a
+   machine doing nothing else: the CPU time of the sandboxes' processes does not all
+   reach this process's accounting, so CPU time is not compared), seconds per notebook,
+   the ratio to serial nbgrader,
    throughput per worker, and the **overhead per notebook**: worker time per notebook
    beyond the notebook's own compute, which is measured by running the same
    notebooks' cells and checks in one warm process;
@@ -132,20 +133,14 @@ def _scores(course: Path, chapters: list[str], students: int) -> dict:
 
 
 class Measured:
-    """Wall and CPU seconds of the child processes run inside the ``with`` block."""
+    """Wall seconds of the ``with`` block."""
 
     def __enter__(self):
-        self.wall, self.cpu = time.perf_counter(), _children_cpu()
+        self.wall = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        self.wall, self.cpu = time.perf_counter() - self.wall, _children_cpu() - self.cpu
-
-
-def _children_cpu() -> float:
-    import resource
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+        self.wall = time.perf_counter() - self.wall
 
 
 def bncourse(course: Path, *args: str) -> subprocess.CompletedProcess:
@@ -192,7 +187,9 @@ def warm_compute(course: Path, chapters: list[str], students: int) -> tuple[floa
                     for cell in nb.cells:
                         if cell.cell_type != "code":
                             continue
-                        if record.is_grade_cell(cell):
+                        grade_id = (cell.metadata.get("nbgrader") or {}).get("grade_id")
+                        if grade_id in record.grade_cells:  # restored with its hidden tests, as nbgrader does
+                            cell.source = record.grade_cells[grade_id]
                             names.update(checks)
                         try:
                             exec(TransformerManager().transform_cell(cell.source), names)
@@ -270,13 +267,13 @@ class TcpCluster:
 
 def _row(name: str, m: Measured, n: int, serial: Measured | None = None, workers: int = 0,
          compute: tuple[float, float] | None = None) -> str:
-    cells = [f"{name:42s}", f"{m.wall:8.1f}", f"{m.cpu:8.1f}", f"{m.wall / n:6.2f}", f"{m.cpu / n:6.2f}"]
+    cells = [f"{name:42s}", f"{m.wall:8.1f}", f"{m.wall / n:6.2f}"]
     if serial is not None:
-        cells += [f"{serial.wall / m.wall:6.2f}x", f"{serial.cpu / m.cpu:6.2f}x"]
+        cells += [f"{serial.wall / m.wall:6.2f}x"]
     if workers:
         cells += [f"{n / m.wall / workers:6.3f}"]
         if compute is not None:
-            cells += [f"{m.wall * workers / n - compute[0]:6.2f}", f"{m.cpu / n - compute[1]:6.2f}"]
+            cells += [f"{m.wall * workers / n - compute[0]:6.2f}"]
     return " | ".join(cells)
 
 
@@ -289,8 +286,7 @@ def scaling(tmp: Path, chapters: list[str], students: int, worker_counts: list[i
           f"({', '.join(sorted(set(KINDS)))}), on {os.cpu_count()} CPU(s).")
     print(f"The notebooks' own compute, in one warm process: {compute[0]:.2f} s wall, {compute[1]:.2f} s CPU per "
           f"notebook.")
-    print(" | ".join(["run".ljust(42), "wall s".rjust(8), "CPU s".rjust(8), "wall/nb", "CPU/nb", "x wall",
-                      "x CPU", "nb/s/worker", "overhead/nb (wall x workers)", "overhead/nb (CPU)"]))
+    print(" | ".join(["run".ljust(42), "wall s".rjust(8), "s/nb", "x serial", "nb/s/worker", "overhead/nb"]))
     runs = [(f"bncourse autograde, {w} worker(s)", w, None) for w in worker_counts] + \
            [("bncourse autograde, 2 workers over TCP", 2, "tcp")]
     copies = [shutil.copytree(plain, tmp / f"run{i}" / "course") for i in range(len(runs))]  # nothing graded yet
@@ -301,7 +297,7 @@ def scaling(tmp: Path, chapters: list[str], students: int, worker_counts: list[i
     reference = _scores(plain, chapters, students)
     results = {"notebooks": n, "students": students, "chapters": chapters, "cpus": os.cpu_count(),
                "compute_wall": compute[0], "compute_cpu": compute[1],
-               "serial_nbgrader": {"wall": serial.wall, "cpu": serial.cpu}, "runs": []}
+               "serial_nbgrader": {"wall": serial.wall}, "runs": []}
     for (name, workers, tcp), course in zip(runs, copies):
         with Measured() as m:
             if tcp:
@@ -317,12 +313,11 @@ def scaling(tmp: Path, chapters: list[str], students: int, worker_counts: list[i
             print(f"  SCORES DIFFER from nbgrader's for {len(differ)} notebook(s): {differ[:5]}")
         client = client_seconds(course, chapters)
         print(f"  the client's own time per notebook (nbgrader's recording into the gradebook): {client:.2f} s")
-        results["runs"].append({"name": name, "workers": workers, "tcp": bool(tcp), "wall": m.wall, "cpu": m.cpu,
-                                "overhead_wall": m.wall * workers / n - compute[0],
-                                "overhead_cpu": m.cpu / n - compute[1], "client_seconds": client,
+        results["runs"].append({"name": name, "workers": workers, "tcp": bool(tcp), "wall": m.wall,
+                                "overhead_wall": m.wall * workers / n - compute[0], "client_seconds": client,
                                 "same_scores": not differ})
-    print("(overhead/nb: worker time per notebook beyond the notebook's own compute - for wall time, "
-          "wall x workers / notebooks - compute; for CPU, all CPU per notebook - compute)")
+    print("(overhead/nb: worker time per notebook beyond the notebook's own compute: "
+          "wall x workers / notebooks - compute)")
     return results
 
 
@@ -375,16 +370,15 @@ def small_class(tmp: Path, slug: str, students: int) -> dict:
     with Measured() as whole:
         proc = bncourse(ours, "grade", slug, str(incoming))
     print(f"\nA class of {students} ({slug}) end to end: bncourse grade (import, grading, feedback, sheets, report) "
-          f"{whole.wall:.1f} s wall, {whole.cpu:.1f} s CPU; nbgrader autograde alone {alone.wall:.1f} s wall, "
-          f"{alone.cpu:.1f} s CPU: bncourse is {alone.wall / whole.wall:.2f}x (wall), {alone.cpu / whole.cpu:.2f}x "
-          f"(CPU) as fast.")
-    phases = [line for line in proc.stdout.splitlines() if line.startswith("Done in")]
+          f"{whole.wall:.1f} s; nbgrader autograde alone {alone.wall:.1f} s: bncourse is "
+          f"{alone.wall / whole.wall:.2f}x as fast.")
+    phases = [line.split(". Detailed log")[0] for line in proc.stdout.splitlines() if line.startswith("Done in")]
     print("  " + (phases[0] if phases else proc.stdout[-2000:] + proc.stderr[-2000:]))
     a, b = _scores(plain, [slug], students), _scores(ours, [slug], students)
     differ = {k[1]: (a[k], b[k]) for k in a if (a[k] or 0) != (b[k] or 0)}
     print(f"  same score for every notebook: {not differ}" + (f" (nbgrader, bncourse: {differ})" if differ else ""))
-    return {"students": students, "chapter": slug, "bncourse": {"wall": whole.wall, "cpu": whole.cpu},
-            "nbgrader": {"wall": alone.wall, "cpu": alone.cpu}, "phases": phases[0] if phases else "",
+    return {"students": students, "chapter": slug, "bncourse": {"wall": whole.wall},
+            "nbgrader": {"wall": alone.wall}, "phases": phases[0] if phases else "",
             "same_scores": not differ}
 
 
