@@ -519,7 +519,7 @@ class NotebookGrader:
     def grade(self) -> NotebookResult:
         started = time.monotonic()
         self.deadline = started + self.limits.notebook_timeout
-        self.oom_kills = self.sandbox.oom_kills()
+        self.oom_kills, self.limit_hits = self.sandbox.oom_kills(), self.sandbox.memory_limit_hits()
         self.sandbox.open()
         unrun, died_at, detail = [], None, ""
         try:
@@ -554,7 +554,8 @@ class NotebookGrader:
         how = {"SIGSEGV": "it crashed (segmentation fault)", "SIGXCPU": "it used up its CPU time",
                "SIGKILL": "it was killed (it did not stop when interrupted, or ran out of resources)",
                "SIGABRT": "it aborted"}
-        if ended.get("signal") == "SIGKILL" and self.sandbox.oom_kills() > self.oom_kills:
+        out_of_memory = self.sandbox.oom_kills() > self.oom_kills or self.sandbox.memory_limit_hits() > self.limit_hits
+        if ended.get("signal") == "SIGKILL" and out_of_memory:  # killed by the kernel, or at its time limit
             reason = (f"it ran out of memory: the notebook may hold at most {self.limits.memory / 2**30:g} GiB "
                       f"(its processes, shared memory and files in /tmp and /dev/shm together)")
         elif "did not stop when interrupted" in detail:

@@ -191,6 +191,22 @@ class MemoryCgroup:
             pass
         return 0
 
+    def limit_hits(self) -> int:
+        """How many times this cgroup's memory reached its limit so far. A notebook at its
+        limit may be killed by the kernel, or keep the kernel reclaiming (its libraries'
+        pages, dropped and read again) until its time limit stops it: both are running out
+        of memory."""
+        try:
+            if self.limit_file == "memory.max":
+                for line in (self.path / "memory.events").read_text().splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "max":
+                        return int(value)
+                return 0
+            return int((self.path / "memory.failcnt").read_text())
+        except (OSError, ValueError):
+            return 0
+
     def enter(self) -> None:
         """Move the calling process into the cgroup (its children follow)."""
         (self.path / "cgroup.procs").write_text(str(os.getpid()))
@@ -382,6 +398,10 @@ class Sandbox:
     def oom_kills(self) -> int:
         """Processes killed for want of memory in this sandbox so far (0 without a cgroup)."""
         return self.cgroup.oom_kills() if self.cgroup is not None else 0
+
+    def memory_limit_hits(self) -> int:
+        """Times this sandbox's memory reached its limit so far (0 without a cgroup)."""
+        return self.cgroup.limit_hits() if self.cgroup is not None else 0
 
     def interrupt(self) -> None:
         """SIGINT to the notebook's process (KeyboardInterrupt in the cell it runs)."""

@@ -956,3 +956,30 @@ def test_kernel_objects_do_not_outlive_a_notebook_in_one_sandbox():
     assert "left: " in outputs[0] and "mqueue: " in outputs[0] and "-1" not in outputs[0].split("left:")[1][:20]
     canaries = [line for line in outputs[1].splitlines() if line.startswith("canary:")]
     assert len(canaries) == 3 and all(line.endswith("False") for line in canaries), outputs[1]
+
+
+@pytest.mark.parametrize("kills, hits, reason", [(1, 0, "it ran out of memory"), (0, 1, "it ran out of memory"),
+                                                 (0, 0, "it did not stop when interrupted")])
+def test_a_notebook_stopped_at_its_memory_limit_ran_out_of_memory(kills, hits, reason):
+    """Killed by the kernel for want of memory, or stopped at its time limit while its memory
+    sat at the limit (on a loaded machine the kernel may keep reclaiming instead of killing):
+    either way the learner reads that the notebook ran out of memory, not that it hung."""
+    from bncourse.judge import NotebookGrader, Release
+    from bncourse.sandbox import Limits
+
+    class Counters:
+        oom, limit = 0, 0
+
+        def oom_kills(self):
+            return self.oom
+
+        def memory_limit_hits(self):
+            return self.limit
+
+    sandbox = Counters()
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("bytearray(2**40)")])
+    grader = NotebookGrader(sandbox, nb, Limits(), Release({}, ()))
+    grader.oom_kills, grader.limit_hits = sandbox.oom_kills(), sandbox.memory_limit_hits()
+    sandbox.oom, sandbox.limit = kills, hits
+    grader._record_death(0, {"ended": "signal", "signal": "SIGKILL"}, "it did not stop when interrupted")
+    assert f"ended in cell 1: {reason}" in grader.result.stopped
